@@ -1,0 +1,167 @@
+"""KVCOMM-style anchor pool: measured KV deviations reused to correct naively placed segments.
+
+Pure torch. An *anchor* is one measurement, taken with a real dense prefill, of how far the KV of a
+candidate placed naively (encoded alone after the judge prefix, then re-indexed to its slot) is
+from the KV of the same tokens in the real judge prompt; and the same for the glue piece that
+follows it. All tensors are kept in a position-free frame: keys rotated so the segment starts at
+position 0 (``[L, H, T, D]``). Because RoPE is linear, a delta measured at one slot is moved to
+another slot by rotating it, exactly like the keys themselves.
+
+The approximation (after Ye et al., "KVCOMM", NeurIPS 2025), for a new segment with base ``K``
+(``n`` tokens, frame 0) and the anchors ``a`` whose segment has at least ``n`` tokens:
+
+* placeholder tokens: ``w[a, t] = softmax_a(-mean_{l,h,d} |K[l,h,t,d] - K_a[l,h,t,d]| / tau)``,
+  ``dK[t] = sum_a w[a, t] dK_a[t]`` (first ``n`` tokens of each anchor); values likewise with
+  V-based distances;
+* following glue (``m`` tokens): ``w[a, l, h, d] = softmax_a(-||G[l,h,:,d] - G_a[l,h,:m,d]||_2 / tau)``
+  over the glue's base keys (values for the value delta);
+* layer 0 is never corrected (its KV depends on the token alone);
+* reuse or new anchor: ``d_a = mean |V[:, :, :k] - V_a[:, :, :k]|`` on the first ``k`` tokens
+  (all layers), ``H = entropy_2(softmax(-d / tau))``; fewer than ``min_anchors`` usable anchors or
+  ``H > gamma * log2(#usable)`` means "measure a new anchor" (the caller runs dense prefill);
+  otherwise the top-p anchors by weight get an activation;
+* eviction: past ``max_anchors``, drop the least-activated of the oldest ``window`` anchors.
+
+A new anchor for the same tokens measured at the same slot replaces the old one (no duplicates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvjudge.cache.segments import KVSegment, rotate_keys
+
+
+@dataclass
+class Anchor:
+    """One measured deviation; every tensor is ``[L, H, T, D]`` in the frame that starts at 0."""
+
+    token_ids: tuple[int, ...]
+    slot: int
+    base_k: torch.Tensor
+    base_v: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    glue_k: torch.Tensor | None = None  # base KV of the following glue (None for the last slot)
+    glue_v: torch.Tensor | None = None
+    glue_dk: torch.Tensor | None = None
+    glue_dv: torch.Tensor | None = None
+    activations: int = 0
+    born: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.base_k.shape[2]
+
+
+@dataclass
+class Correction:
+    """Deltas to add to a segment (and its following glue), frame 0."""
+
+    dk: torch.Tensor
+    dv: torch.Tensor
+    glue_dk: torch.Tensor | None = None
+    glue_dv: torch.Tensor | None = None
+
+
+def to_frame0(seg: KVSegment, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys rotated so the segment starts at position 0, and its values (fp32)."""
+    return rotate_keys(seg.keys.float(), -seg.start, inv_freq), seg.values.float()
+
+
+def apply(seg: KVSegment, dk: torch.Tensor, dv: torch.Tensor, inv_freq: torch.Tensor) -> KVSegment:
+    """``seg`` plus frame-0 deltas ``dk``/``dv`` (rotated to the segment's own positions)."""
+    keys = (seg.keys.float() + rotate_keys(dk, seg.start, inv_freq)).to(seg.keys.dtype)
+    values = (seg.values.float() + dv).to(seg.values.dtype)
+    return KVSegment(keys, values, seg.start, seg.token_ids)
+
+
+def _no_layer0(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0] = 0
+    return x
+
+
+@dataclass
+class AnchorPool:
+    """Anchors of one pool (one source agent for KVCOMM, one display slot for PAL-KV)."""
+
+    gamma: float = 0.3
+    max_anchors: int = 20
+    window: int = 5
+    top_p: float = 0.9
+    probe_tokens: int = 32
+    min_anchors: int = 2
+    tau: float = 1.0
+    anchors: list[Anchor] = field(default_factory=list)
+    _clock: int = 0
+
+    def usable(self, n: int) -> list[Anchor]:
+        return [a for a in self.anchors if a.length >= n]
+
+    def _weights(self, dist: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(-dist / self.tau, dim=0)
+
+    def needs_anchor(self, base_v: torch.Tensor) -> bool:
+        """Entropy test on the first ``probe_tokens`` values; bumps activations when reusing."""
+        n = base_v.shape[2]
+        pool = self.usable(n)
+        if len(pool) < self.min_anchors:
+            return True
+        k = min(n, self.probe_tokens)
+        dist = torch.stack([(base_v[:, :, :k] - a.base_v[:, :, :k]).abs().mean() for a in pool])
+        w = self._weights(dist)
+        entropy = float(-(w * torch.log2(w.clamp_min(1e-30))).sum())
+        if entropy > self.gamma * math.log2(len(pool)):
+            return True
+        order = torch.argsort(w, descending=True)
+        mass = 0.0
+        for i in order.tolist():
+            pool[i].activations += 1
+            mass += float(w[i])
+            if mass >= self.top_p:
+                break
+        return False
+
+    def correction(
+        self, base_k: torch.Tensor, base_v: torch.Tensor, glue_k: torch.Tensor | None, glue_v: torch.Tensor | None
+    ) -> Correction | None:
+        """Estimated deltas for a segment with frame-0 base KV ``[L, H, n, D]`` (None: no usable anchor)."""
+        n = base_k.shape[2]
+        pool = self.usable(n)
+        if not pool:
+            return None
+        ak = torch.stack([a.base_k[:, :, :n] for a in pool])  # [A, L, H, n, D]
+        av = torch.stack([a.base_v[:, :, :n] for a in pool])
+        wk = self._weights((base_k - ak)[:, 1:].abs().mean(dim=(1, 2, 4)))  # [A, n]
+        wv = self._weights((base_v - av)[:, 1:].abs().mean(dim=(1, 2, 4)))
+        dk = torch.einsum("at,alhtd->lhtd", wk, torch.stack([a.dk[:, :, :n] for a in pool]))
+        dv = torch.einsum("at,alhtd->lhtd", wv, torch.stack([a.dv[:, :, :n] for a in pool]))
+        out = Correction(_no_layer0(dk), _no_layer0(dv))
+        if glue_k is not None:
+            m = glue_k.shape[2]
+            gpool = [a for a in pool if a.glue_k is not None and a.glue_k.shape[2] >= m]
+            if gpool:
+                gk = torch.stack([a.glue_k[:, :, :m] for a in gpool])
+                gv = torch.stack([a.glue_v[:, :, :m] for a in gpool])
+                gwk = self._weights(torch.linalg.vector_norm(glue_k - gk, dim=3))  # [A, L, H, D]
+                gwv = self._weights(torch.linalg.vector_norm(glue_v - gv, dim=3))
+                gdk = torch.stack([a.glue_dk[:, :, :m] for a in gpool])
+                gdv = torch.stack([a.glue_dv[:, :, :m] for a in gpool])
+                out.glue_dk = _no_layer0(torch.einsum("alhd,alhtd->lhtd", gwk, gdk))
+                out.glue_dv = _no_layer0(torch.einsum("alhd,alhtd->lhtd", gwv, gdv))
+        return out
+
+    def add(self, anchor: Anchor) -> None:
+        """Insert a measured anchor (replacing one for the same tokens and slot), then evict."""
+        self._clock += 1
+        anchor.born = self._clock
+        self.anchors = [a for a in self.anchors if not (a.slot == anchor.slot and a.token_ids == anchor.token_ids)]
+        self.anchors.append(anchor)
+        while len(self.anchors) > self.max_anchors:
+            oldest = sorted(self.anchors, key=lambda a: a.born)[: self.window]
+            victim = min(oldest, key=lambda a: (a.activations, a.born))
+            self.anchors.remove(victim)

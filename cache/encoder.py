@@ -1,0 +1,130 @@
+"""Running a causal LM over token ids against KV segments, and memoising segment encodings.
+
+No Ray here: this is the tensor engine the judge and the agents host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from kvjudge.cache.segments import KVSegment, from_cache, to_cache
+
+
+def segment_key(model_id: str, context_ids: Sequence[int], segment_ids: Sequence[int]) -> str:
+    """Content hash of (model, context tokens, segment tokens): the id of an encoded segment.
+
+    The tokenizer is part of ``model_id`` (token ids only mean something under one tokenizer).
+    """
+    h = hashlib.sha256(model_id.encode())
+    for part in (context_ids, segment_ids):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(torch.tensor(list(part), dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def rotary_inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    """The model's own RoPE inverse frequencies ``[D/2]`` (fp32)."""
+    for _, module in model.named_modules():
+        freq = getattr(module, "inv_freq", None)
+        if isinstance(freq, torch.Tensor):
+            return freq.detach().float()
+    raise ValueError(f"{type(model).__name__} has no rotary embedding (inv_freq): not a RoPE model")
+
+
+class KVRunner:
+    """Forward passes with explicit positions over a model, counting passes and memoising segments.
+
+    ``forward_calls`` counts every model forward; ``encoded_tokens`` counts tokens run through it.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_id: str, max_segments: int = 4096) -> None:
+        self.model = model
+        self.model_id = model_id
+        self.inv_freq = rotary_inv_freq(model)
+        self.forward_calls = 0
+        self.forward_tokens = 0
+        self.encode_tokens = 0  # the part of forward_tokens spent encoding contexts / segments
+        self.max_segments = max_segments
+        self._memo: OrderedDict[str, KVSegment] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: Sequence[int], past: KVSegment | None = None, keep_cache: bool = False
+    ) -> tuple[torch.Tensor, KVSegment | None]:
+        """Run ``ids`` after ``past`` (placed from 0); return next-token log-probs ``[V]`` (fp32) of the
+        last position and, with ``keep_cache``, the KV of past + ids as one segment from position 0."""
+        start = past.length if past is not None else 0
+        if past is not None and past.start != 0:
+            raise ValueError("past KV must start at position 0")
+        dev = self.device
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=dev)
+        positions = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
+        cache = to_cache(past, self.model.config) if past is not None else None
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=keep_cache or cache is not None,
+            logits_to_keep=1,
+        )
+        self.forward_calls += 1
+        self.forward_tokens += len(ids)
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        kv = None
+        if keep_cache:
+            if past is None:
+                known = tuple(ids)
+            else:
+                known = past.token_ids + tuple(ids) if past.token_ids else ()
+            kv = from_cache(out.past_key_values, 0, None, known)
+        return logprobs, kv
+
+    def _remember(self, key: str, seg: KVSegment) -> KVSegment:
+        self._memo[key] = seg
+        self._memo.move_to_end(key)
+        while len(self._memo) > self.max_segments:
+            self._memo.popitem(last=False)
+        return seg
+
+    def lookup(self, key: str) -> KVSegment | None:
+        seg = self._memo.get(key)
+        if seg is not None:
+            self._memo.move_to_end(key)
+        return seg
+
+    def context(self, ids: Sequence[int]) -> KVSegment:
+        """KV of ``ids`` encoded from position 0 (memoised)."""
+        key = segment_key(self.model_id, (), ids)
+        seg = self.lookup(key)
+        if seg is None:
+            _, seg = self.forward(ids, keep_cache=True)
+            self.encode_tokens += len(ids)
+            seg = self._remember(key, seg)
+        return seg
+
+    def encode(self, context_ids: Sequence[int], segment_ids: Sequence[int]) -> KVSegment:
+        """KV of ``segment_ids`` encoded right after ``context_ids`` (memoised per content hash)."""
+        key = segment_key(self.model_id, context_ids, segment_ids)
+        seg = self.lookup(key)
+        if seg is None:
+            ctx = self.context(context_ids)
+            _, full = self.forward(segment_ids, past=ctx, keep_cache=True)
+            self.encode_tokens += len(segment_ids)
+            seg = self._remember(key, full.slice(ctx.length, full.length))
+        return seg
+
+    def put(self, context_ids: Sequence[int], segment: KVSegment) -> str:
+        """Adopt a segment encoded elsewhere (e.g. fetched from the KV store) after ``context_ids``."""
+        if segment.start != len(context_ids):
+            segment = segment.moved_to(len(context_ids), self.inv_freq)
+        key = segment_key(self.model_id, context_ids, segment.token_ids)
+        self._remember(key, segment.to(self.device, next(self.model.parameters()).dtype))
+        return key

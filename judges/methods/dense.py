@@ -1,0 +1,15 @@
+"""Dense: prefill the whole judge prompt. The reference every other method is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, register
+
+
+@register("dense")
+@dataclass
+class Dense:
+    def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
+        outcome, _ = engine.dense(case)
+        return outcome

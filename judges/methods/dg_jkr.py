@@ -1,0 +1,29 @@
+"""DG-JKR: run two structurally different reuse methods; accept their winner when they agree, fall
+back to dense prefill when they disagree (the disagreement is the safety signal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, make_method, register
+
+
+@register("dg_jkr")
+@dataclass
+class DGJKR:
+    first: str = "naive"
+    second: str = "kvcomm"
+
+    def __post_init__(self) -> None:
+        self._first = make_method(self.first)
+        self._second = make_method(self.second)
+
+    def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
+        a = self._first(engine, case)
+        b = self._second(engine, case)
+        wa, wb = int(a.scores.argmax()) + 1, int(b.scores.argmax()) + 1
+        agreed = wa == wb
+        # On agreement the answer is the first method's (reused KV); otherwise dense decides.
+        # A second method that already ran dense (e.g. to measure a KVCOMM anchor) left it memoised.
+        out = a if agreed else engine.dense(case)[0]
+        return Outcome(out.scores, reused=agreed, decision={"agreed": agreed, self.first: wa, self.second: wb})
