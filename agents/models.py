@@ -169,7 +169,9 @@ def _load_checkpoint(spec: str, dev: torch.device, dt: torch.dtype) -> LoadedMod
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model folder {str(path)!r} has no config.json: not a transformers checkpoint")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

@@ -16,13 +16,16 @@ The approximation (after Ye et al., "KVCOMM", NeurIPS 2025), for a new segment w
 * following glue (``m`` tokens): ``w[a, l, h, d] = softmax_a(-||G[l,h,:,d] - G_a[l,h,:m,d]||_2 / tau)``
   over the glue's base keys (values for the value delta);
 * layer 0 is never corrected (its KV depends on the token alone);
-* reuse or new anchor: ``d_a = mean |V[:, :, :k] - V_a[:, :, :k]|`` on the first ``k`` tokens
+* reuse or new anchor: ``d_a = ||V[:, :, :k] - V_a[:, :, :k]||_F`` on the first ``k`` tokens
   (all layers), ``H = entropy_2(softmax(-d / tau))``; fewer than ``min_anchors`` usable anchors or
   ``H > gamma * log2(#usable)`` means "measure a new anchor" (the caller runs dense prefill);
   otherwise the top-p anchors by weight get an activation;
 * eviction: past ``max_anchors``, drop the least-activated of the oldest ``window`` anchors.
 
-A new anchor for the same tokens measured at the same slot replaces the old one (no duplicates).
+A new anchor with the same ``key`` (same slot of the same full prompt) replaces the old one.
+Anchors of one candidate text measured at different slots share their base values, so the entropy
+test cannot tell them apart and asks for a new anchor: the layout sensitivity that Liang et al.
+(2026) report for anchor methods under shuffles.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from kvjudge.cache.segments import KVSegment, rotate_keys
 class Anchor:
     """One measured deviation; every tensor is ``[L, H, T, D]`` in the frame that starts at 0."""
 
-    token_ids: tuple[int, ...]
+    key: str  # what was measured: (prompt, slot); re-measuring the same key replaces the anchor
     slot: int
     base_k: torch.Tensor
     base_v: torch.Tensor
@@ -112,7 +115,7 @@ class AnchorPool:
         if len(pool) < self.min_anchors:
             return True
         k = min(n, self.probe_tokens)
-        dist = torch.stack([(base_v[:, :, :k] - a.base_v[:, :, :k]).abs().mean() for a in pool])
+        dist = torch.stack([torch.linalg.vector_norm(base_v[:, :, :k] - a.base_v[:, :, :k]) for a in pool])
         w = self._weights(dist)
         entropy = float(-(w * torch.log2(w.clamp_min(1e-30))).sum())
         if entropy > self.gamma * math.log2(len(pool)):
@@ -156,10 +159,10 @@ class AnchorPool:
         return out
 
     def add(self, anchor: Anchor) -> None:
-        """Insert a measured anchor (replacing one for the same tokens and slot), then evict."""
+        """Insert a measured anchor (replacing one with the same key), then evict."""
         self._clock += 1
         anchor.born = self._clock
-        self.anchors = [a for a in self.anchors if not (a.slot == anchor.slot and a.token_ids == anchor.token_ids)]
+        self.anchors = [a for a in self.anchors if a.key != anchor.key]
         self.anchors.append(anchor)
         while len(self.anchors) > self.max_anchors:
             oldest = sorted(self.anchors, key=lambda a: a.born)[: self.window]

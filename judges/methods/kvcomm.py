@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvjudge.cache.anchors import Anchor, AnchorPool, apply, to_frame0
+from kvjudge.cache.encoder import segment_key
 from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, register
 
 
@@ -82,7 +83,8 @@ class KVCOMM:
     def _measure(case, real, segs, i, slot, bk, bv, glue, inv) -> Anchor:
         seg = segs[i]
         rk, rv = to_frame0(real.slice(seg.start, seg.start + seg.length), inv)
-        anchor = Anchor(case.prompt.candidates[slot], slot, bk, bv, rk - bk, rv - bv)
+        key = segment_key("anchor", case.prompt.ids(), (slot,))
+        anchor = Anchor(key, slot, bk, bv, rk - bk, rv - bv)
         if glue is not None:
             g = segs[i + 1]
             gk, gv = to_frame0(real.slice(g.start, g.start + g.length), inv)

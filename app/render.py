@@ -1,0 +1,51 @@
+"""Rich renderables for verdicts and benchmark results (pure: data in, renderable out)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from kvjudge.judges.base import Verdict
+
+
+def _preview(text: str, width: int = 48) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def verdict_table(verdict: Verdict, candidates: list[str]) -> Table:
+    """Candidates with their label log-probabilities; the winner is marked."""
+    title = (
+        f"{verdict.method}: winner #{verdict.winner}  ·  {'reused KV' if verdict.reused else 'dense prefill'}"
+        f"  ·  {verdict.latency_ms:.1f} ms  ·  {verdict.prefilled_tokens} tokens prefilled"
+    )
+    if verdict.decision:
+        title += "  ·  " + ", ".join(f"{k}={v}" for k, v in verdict.decision.items())
+    table = Table(caption=title, caption_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("log p(label)", justify="right")
+    table.add_column("candidate")
+    for i, (score, text) in enumerate(zip(verdict.scores, candidates), start=1):
+        mark = "bold green" if i == verdict.winner else ""
+        table.add_row(str(i), f"{score:.4f}", _preview(text), style=mark)
+    return table
+
+
+def bench_table(result: dict) -> Table:
+    """Median latency and ratio to dense per method, from :func:`kvjudge.app.bench.bench_judge`."""
+    cfg = result["config"]
+    table = Table(
+        caption=f"judge latency · {cfg['model']} · {cfg['candidates']} candidates × {cfg['candidate_tokens']} tokens"
+        f" · {cfg['repeats']} repeats · {cfg['device']}",
+        caption_justify="left",
+    )
+    for col in ("method", "median ms", "× dense", "reused", "prefilled tokens"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, row in result["methods"].items():
+        table.add_row(
+            name,
+            f"{row['median_ms']:.2f}",
+            f"{row['ratio_to_dense']:.3f}" if row.get("ratio_to_dense") is not None else "-",
+            f"{row['reuse_rate']:.0%}",
+            str(row["prefilled_tokens"]),
+        )
+    return table

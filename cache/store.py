@@ -1,0 +1,178 @@
+"""A byte-budgeted, in-process store of KV segments keyed by content hash (pure Python, no Ray).
+
+Keys are strings, normally :func:`kvjudge.cache.encoder.segment_key`. Values are
+:class:`~kvjudge.cache.segments.KVSegment` objects (or anything with an ``nbytes`` attribute).
+``bytes_used <= budget_bytes`` holds after every call: a put evicts (by the chosen policy) until
+the new item fits, and an item larger than the whole budget is refused.
+
+:class:`LocalStoreHandle` exposes the same method names as the Ray actor in
+:mod:`kvjudge.cache.store_actor`, and :func:`call` invokes a method on either kind of handle,
+so callers need not care whether a store is local or remote.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from kvjudge.cache.eviction import make_policy
+from kvjudge.cache.segments import KVSegment
+
+
+def to_host(segment: KVSegment) -> KVSegment:
+    """``segment`` with its tensors on the CPU (the same object when they already are).
+
+    Call this before putting a CUDA segment into a store that lives in another process: only CPU
+    tensors travel through Ray's object store.
+    """
+    if segment.keys.device.type == "cpu" and segment.values.device.type == "cpu":
+        return segment
+    return segment.to("cpu")
+
+
+class KVStore:
+    """Segments keyed by str under a byte budget, evicting by ``eviction`` (see ``EVICTION_POLICIES``).
+
+    Counters in :meth:`stats`: ``puts`` counts accepted puts (replacements included), ``rejected``
+    puts refused for being larger than the budget, ``evictions`` entries dropped to make room (not
+    replacements or deletes), ``hits``/``misses`` lookups by :meth:`get`/:meth:`get_many`.
+    """
+
+    def __init__(self, budget_bytes: int, eviction: str = "lru") -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.eviction = eviction
+        self._policy = make_policy(eviction)
+        self._items: dict[str, tuple[Any, int, dict]] = {}  # key -> (segment, nbytes, meta)
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self.hits = self.misses = self.evictions = self.puts = self.rejected = 0
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
+        """Store ``segment`` under ``key`` (replacing any entry there); ``False`` if it can never fit.
+
+        A refused put leaves the store unchanged (an existing entry under ``key`` stays).
+        """
+        size = int(segment.nbytes)
+        with self._lock:
+            if size > self.budget_bytes:
+                self.rejected += 1
+                return False
+            self._drop(key)
+            while self._bytes + size > self.budget_bytes:
+                self._drop(self._policy.victim())
+                self.evictions += 1
+            self._items[key] = (segment, size, dict(meta or {}))
+            self._bytes += size
+            self._policy.insert(key, size)
+            self.puts += 1
+            return True
+
+    def get(self, key: str) -> Any | None:
+        """The segment under ``key`` (marking it used), or ``None``."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._policy.touch(key)
+            return item[0]
+
+    def get_many(self, keys: list[str]) -> list[Any | None]:
+        """:meth:`get` for each key, in order."""
+        with self._lock:
+            return [self.get(k) for k in keys]
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is stored (neither a hit nor a use)."""
+        return key in self._items
+
+    def meta(self, key: str) -> dict | None:
+        """A copy of the metadata stored with ``key``, or ``None``."""
+        with self._lock:
+            item = self._items.get(key)
+            return dict(item[2]) if item is not None else None
+
+    def delete(self, key: str) -> bool:
+        """Drop ``key``; whether it was there."""
+        with self._lock:
+            return self._drop(key)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._items),
+                "bytes": self._bytes,
+                "budget_bytes": self.budget_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "puts": self.puts,
+                "rejected": self.rejected,
+            }
+
+    def _drop(self, key: str) -> bool:
+        item = self._items.pop(key, None)
+        if item is None:
+            return False
+        self._bytes -= item[1]
+        self._policy.remove(key)
+        return True
+
+
+class LocalStoreHandle:
+    """A synchronous stand-in for the store actor's handle (no Ray): the same method names."""
+
+    def __init__(self, budget_bytes: int, eviction: str = "lru", store: KVStore | None = None) -> None:
+        self.store = store if store is not None else KVStore(budget_bytes, eviction)
+
+    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
+        return self.store.put(key, segment, meta)
+
+    def get(self, key: str) -> Any | None:
+        return self.store.get(key)
+
+    def get_many(self, keys: list[str]) -> list[Any | None]:
+        return self.store.get_many(keys)
+
+    def contains(self, key: str) -> bool:
+        return self.store.contains(key)
+
+    def meta(self, key: str) -> dict | None:
+        return self.store.meta(key)
+
+    def delete(self, key: str) -> bool:
+        return self.store.delete(key)
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def stats(self) -> dict[str, int]:
+        return self.store.stats()
+
+
+def call(handle: Any, method: str, *args: Any) -> Any:
+    """``handle.method(*args)``, waiting on the result when ``handle`` is a Ray actor handle."""
+    fn = getattr(handle, method)
+    remote = getattr(fn, "remote", None)
+    if remote is None:
+        return fn(*args)
+    import ray  # only reached with a Ray handle, so this module itself stays Ray-free
+
+    return ray.get(remote(*args))

@@ -1,0 +1,141 @@
+"""The KV store as a named Ray actor, so agents and the judge in other processes share one cache.
+
+Who owns the store
+------------------
+A non-detached Ray actor is owned by the process whose ``.remote()`` created it and dies with
+that owner. If an agent actor were the first to call ``options(get_if_exists=True)`` it would
+create and own the store, and killing that agent would take every cached segment with it.
+:func:`get_or_create_store` therefore picks the lifetime from the caller (``lifetime="auto"``):
+
+* called from the **driver**: ``lifetime=None`` -- the store is owned by the driver, outlives
+  every agent actor, and is cleaned up when the driver exits. A non-detached actor is also
+  garbage-collected once no handle to it is left, so the driver-side handle is pinned in a
+  module-level registry until :func:`kill_store` (or driver exit). Create it here first (the
+  orchestrator does), and later calls from actors simply look it up by name;
+* called from a **worker** (an actor or task) that finds no store: ``lifetime="detached"`` -- the
+  store belongs to no worker, so it still outlives its creator; it then also outlives the driver
+  of a long-running cluster and must be ended with :func:`kill_store` (a local
+  ``ray.init()`` cluster is torn down on ``ray.shutdown()`` anyway).
+
+How tensors travel
+------------------
+Arguments and results pass through Ray's object store with Ray's pickle-5 serializer. Only CPU
+tensors belong there: move a CUDA segment with :func:`kvjudge.cache.store.to_host` before ``put``.
+By default torch serializes a CPU tensor's storage in-band (one copy on put, one on get); with
+``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in the environment (set before ``ray.init``), Ray reduces
+CPU tensors to numpy byte arrays carried as pickle-5 out-of-band buffers, so a reader maps them
+from shared memory without a copy (such tensors are read-only: clone before editing in place).
+Either way the actor keeps its own deserialized copy on its heap, which the byte budget counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from kvjudge.cache.store import KVStore, LocalStoreHandle, call, to_host
+
+DEFAULT_STORE_NAME = "kvjudge-store"
+
+# Driver-created (non-detached) stores, pinned so that dropping every user handle does not
+# garbage-collect the actor: keyed by (namespace, name).
+_PINNED: dict[tuple[str | None, str], Any] = {}
+
+
+class _KVStoreActorImpl:
+    """The actor body: a :class:`KVStore` behind remote methods (one call at a time)."""
+
+    def __init__(self, budget_bytes: int, eviction: str = "lru") -> None:
+        self._store = KVStore(budget_bytes, eviction)
+
+    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
+        return self._store.put(key, segment, meta)
+
+    def get(self, key: str) -> Any | None:
+        return self._store.get(key)
+
+    def get_many(self, keys: list[str]) -> list[Any | None]:
+        return self._store.get_many(keys)
+
+    def contains(self, key: str) -> bool:
+        return self._store.contains(key)
+
+    def meta(self, key: str) -> dict | None:
+        return self._store.meta(key)
+
+    def delete(self, key: str) -> bool:
+        return self._store.delete(key)
+
+    def keys(self) -> list[str]:
+        return self._store.keys()
+
+    def stats(self) -> dict[str, int]:
+        return self._store.stats()
+
+
+# num_cpus=0: the store is I/O bound and must not take a CPU slot from agents on small machines.
+KVStoreActor = ray.remote(num_cpus=0, max_restarts=0)(_KVStoreActorImpl)
+
+
+def _in_driver() -> bool:
+    try:
+        from ray._private import worker as _worker
+
+        return _worker.global_worker.mode == _worker.SCRIPT_MODE
+    except (ImportError, AttributeError):  # private API moved: a driver is no actor
+        return ray.get_runtime_context().get_actor_id() is None
+
+
+def get_or_create_store(
+    name: str = DEFAULT_STORE_NAME,
+    budget_bytes: int = 2 << 30,
+    eviction: str = "lru",
+    namespace: str | None = None,
+    lifetime: str | None = "auto",
+) -> "ray.actor.ActorHandle":
+    """The store actor called ``name``, created with ``budget_bytes``/``eviction`` if none exists.
+
+    ``lifetime="auto"`` (see the module doc) makes the store owned by the driver when the driver
+    calls this, and detached when a worker does, so the store never dies with an agent actor.
+    Pass ``None`` or ``"detached"`` to force one. An existing store keeps its own budget/policy.
+    ``namespace=None`` uses the caller's namespace (that of the job, for its actors and tasks).
+    """
+    if lifetime == "auto":
+        lifetime = None
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"lifetime must be 'auto', None or 'detached', not {lifetime!r}")
+    handle = KVStoreActor.options(
+        name=name, namespace=namespace, get_if_exists=True, lifetime=lifetime
+    ).remote(budget_bytes, eviction)
+    if lifetime is None:
+        _PINNED.setdefault((namespace, name), handle)
+    return handle
+
+
+def get_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> "ray.actor.ActorHandle":
+    """The existing store actor ``name`` (``ValueError`` when there is none): never creates one."""
+    return ray.get_actor(name, namespace=namespace)
+
+
+def kill_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> bool:
+    """End the store actor ``name`` if it exists (needed for a detached one); whether it did."""
+    _PINNED.pop((namespace, name), None)
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=True)
+    return True
+
+
+__all__ = [
+    "DEFAULT_STORE_NAME",
+    "KVStoreActor",
+    "LocalStoreHandle",
+    "call",
+    "get_or_create_store",
+    "get_store",
+    "kill_store",
+    "to_host",
+]
