@@ -102,7 +102,7 @@ def get_or_create_store(
     ``namespace=None`` uses the caller's namespace (that of the job, for its actors and tasks).
     """
     if lifetime == "auto":
-        lifetime = None
+        lifetime = None if _in_driver() else "detached"
     if lifetime not in (None, "detached"):
         raise ValueError(f"lifetime must be 'auto', None or 'detached', not {lifetime!r}")
     handle = KVStoreActor.options(

@@ -222,7 +222,7 @@ def _clean_loc(loc: tuple) -> tuple[tuple, type | None, bool]:
                 break
             tp = field.annotation
         elif typing.get_origin(tp) is dict:
-            path.append(part)
+            path.append(str(part))
             tp = typing.get_args(tp)[1]
         elif typing.get_origin(tp) is list:
             path.append(part)

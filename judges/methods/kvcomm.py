@@ -1,8 +1,10 @@
 """KVCOMM-style anchor correction for the judge (after Ye et al., NeurIPS 2025).
 
 Each candidate's KV is the naive one (encoded alone after the judge prefix, re-indexed to its slot).
-For candidates in slots 2..N (slot 1's encoding context *is* its real context, so it needs no
-correction) the method asks the candidate's anchor pool whether it can estimate the deviation:
+For every candidate followed by a glue piece, and for every candidate in slots 2..N, the method asks
+the candidate's anchor pool whether it can estimate the deviation. Slot 1's own tokens are never
+corrected: their encoding context *is* their real context, so with one candidate the method is
+exactly naive (== dense); only the glue after slot 1 is.
 
 * if any candidate needs a new anchor (too few anchors, or the entropy test of
   :mod:`kvjudge.cache.anchors` says no anchor is clearly close), it runs one dense prefill, answers
@@ -55,12 +57,12 @@ class KVCOMM:
         inv = engine.runner.inv_freq
         pieces = engine.pieces(case)
         segs = [seg for _, _, seg in pieces]
-        # (index in pieces, slot, frame-0 base KV, frame-0 glue KV or None) for slots 2..N
+        # (index in pieces, slot, frame-0 base KV, frame-0 glue KV or None)
         items = []
         for i, (kind, slot, seg) in enumerate(pieces):
-            if kind != "candidate" or slot == 0:
-                continue
             glue = segs[i + 1] if i + 1 < len(segs) else None
+            if kind != "candidate" or (slot == 0 and glue is None):
+                continue
             items.append((i, slot, to_frame0(seg, inv), to_frame0(glue, inv) if glue is not None else None))
         missing = [it for it in items if self.pool(case, it[1]).needs_anchor(it[2][1])]
         if missing:
@@ -72,7 +74,8 @@ class KVCOMM:
             corr = self.pool(case, slot).correction(bk, bv, *(glue or (None, None)))
             if corr is None:
                 continue
-            segs[i] = apply(segs[i], corr.dk, corr.dv, inv)
+            if slot > 0:
+                segs[i] = apply(segs[i], corr.dk, corr.dv, inv)
             if corr.glue_dk is not None:
                 segs[i + 1] = apply(segs[i + 1], corr.glue_dk, corr.glue_dv, inv)
         outcome = engine.score_pieces(case, segs)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny offline models (no download) covering Llama/GQA, Qwen2 and Llama-3 RoPE scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvjudge.agents.models import LoadedModel, _spec_id, byte_tokenizer, tiny_model
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+TINY = {
+    "tiny-llama": {},  # Llama, GQA 4 query / 2 KV heads
+    "tiny-qwen2": {},  # Qwen2: q/k/v biases, tied embeddings, 4 query / 1 KV head
+    "tiny-llama3-scaled": {"rope_scaling": LLAMA3_SCALING},
+}
+
+
+def make_tiny(name: str) -> LoadedModel:
+    base = "tiny-llama" if name == "tiny-llama3-scaled" else name
+    model = tiny_model(base, **TINY[name]).float()
+    return LoadedModel(model, byte_tokenizer(), _spec_id(name, {}))
+
+
+@pytest.fixture(scope="session", params=list(TINY))
+def tiny(request) -> LoadedModel:
+    """Each tiny model in turn (fp32, CPU)."""
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama() -> LoadedModel:
+    return make_tiny("tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
