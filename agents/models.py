@@ -86,6 +86,7 @@ TINY_CONFIGS: dict[str, dict] = {
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=8192,
+        initializer_range=0.05,  # large enough that candidate content moves the verdict
         rope_theta=10000.0,
     ),
     "tiny-qwen2": dict(
@@ -96,6 +97,7 @@ TINY_CONFIGS: dict[str, dict] = {
         num_attention_heads=4,
         num_key_value_heads=1,
         max_position_embeddings=8192,
+        initializer_range=0.05,  # large enough that candidate content moves the verdict
         rope_theta=1000000.0,
         tie_word_embeddings=True,
     ),

@@ -155,7 +155,7 @@ def test_unknown_key_has_did_you_mean_and_line(tmp_path):
 def test_unknown_top_level_key(tmp_path):
     msg = error_for(tmp_path, BASE + "roundz: 2\n")
     assert "roundz: unknown key" in msg and "did you mean 'rounds'" in msg
-    assert line_of(msg) == 12
+    assert line_of(msg) == 13
 
 
 def test_missing_required_key(tmp_path):
@@ -199,7 +199,7 @@ def test_judge_options_are_checked(tmp_path):
 def test_rounds_below_one(tmp_path):
     msg = error_for(tmp_path, BASE + "rounds: 0\n")
     assert "rounds:" in msg and "(got 0)" in msg
-    assert line_of(msg) == 12
+    assert line_of(msg) == 13
 
 
 def test_edge_to_unknown_agent(tmp_path):

