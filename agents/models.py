@@ -189,5 +189,9 @@ def _load_checkpoint(spec: str, dev: torch.device, dt: torch.dtype) -> LoadedMod
             "sequence length; KV re-indexing needs a fixed rotation"
         )
     model = model.to(dev).eval()
-    stat = (path / "config.json").stat()
-    return LoadedModel(model, tokenizer, _spec_id(str(path.resolve()), {"mtime": stat.st_mtime_ns}))
+    # the id names the weights' config and the tokenizer, not the folder: equal on every node
+    digest = hashlib.sha1((path / "config.json").read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    return LoadedModel(model, tokenizer, f"{path.name}@{digest.hexdigest()[:10]}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,6 +50,9 @@ class KVRunner:
         self.encode_tokens = 0  # the part of forward_tokens spent encoding contexts / segments
         self.max_segments = max_segments
         self._memo: OrderedDict[str, KVSegment] = OrderedDict()
+        # optional second-level lookup (e.g. the shared KV store): key -> segment or None
+        self.fetch: Callable[[str], KVSegment | None] | None = None
+        self.fetched = 0
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +117,12 @@ class KVRunner:
         """KV of ``segment_ids`` encoded right after ``context_ids`` (memoised per content hash)."""
         key = segment_key(self.model_id, context_ids, segment_ids)
         seg = self.lookup(key)
+        if seg is None and self.fetch is not None:
+            seg = self.fetch(key)
+            if seg is not None and seg.length == len(segment_ids):
+                self.fetched += 1
+                return self._remember(key, self._adopt(seg, len(context_ids)))
+            seg = None
         if seg is None:
             ctx = self.context(context_ids)
             _, full = self.forward(segment_ids, past=ctx, keep_cache=True)
@@ -123,8 +132,10 @@ class KVRunner:
 
     def put(self, context_ids: Sequence[int], segment: KVSegment) -> str:
         """Adopt a segment encoded elsewhere (e.g. fetched from the KV store) after ``context_ids``."""
-        if segment.start != len(context_ids):
-            segment = segment.moved_to(len(context_ids), self.inv_freq)
         key = segment_key(self.model_id, context_ids, segment.token_ids)
-        self._remember(key, segment.to(self.device, next(self.model.parameters()).dtype))
+        self._remember(key, self._adopt(segment, len(context_ids)))
         return key
+
+    def _adopt(self, segment: KVSegment, start: int) -> KVSegment:
+        segment = segment.to(self.device, next(self.model.parameters()).dtype)
+        return segment.moved_to(start, self.inv_freq)

