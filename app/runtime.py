@@ -1,0 +1,303 @@
+"""Running a topology on Ray: agents by topological generation (x rounds), then the judge actor.
+
+One JSON line per problem goes to ``OUT/results.jsonl`` the moment the problem finishes (flushed
+and fsynced), so an interrupted run loses nothing that was done and ``--resume`` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from kvjudge.topologies import Topology, build_graph, generations
+
+NAMESPACE = "kvjudge"
+READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a model that does not load, an unplaceable actor); one line."""
+
+
+class Reporter(Protocol):
+    """Receives progress; the plain printer and the live dashboard implement it."""
+
+    def start(self, info: dict) -> None: ...
+    def agent(self, agent: str, state: str, **stats) -> None: ...
+    def problem(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class PlainReporter:
+    """One line per finished problem (and nothing else): what a non-terminal gets."""
+
+    def __init__(self, stream=None) -> None:
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.total = 0
+
+    def start(self, info: dict) -> None:
+        self.total = info["total"]
+        print(f"run {info['name']}: {info['total']} problems, agents {', '.join(info['agents'])}, "
+              f"judge {info['method']} on {info['judge_node']}", file=self.stream, flush=True)
+
+    def agent(self, agent: str, state: str, **stats) -> None:
+        return None
+
+    def problem(self, record: dict) -> None:
+        self.done += 1
+        head = f"[{self.done}/{self.total}] {record['id']}"
+        if record["status"] != "ok":
+            print(f"{head}: FAILED: {record['error']}", file=self.stream, flush=True)
+            return
+        v = record["verdict"]
+        gate = f", {'agreed' if v['decision'].get('agreed') else 'dense fallback'}" if v.get("decision") and "agreed" in v["decision"] else ""
+        print(f"{head}: winner #{v['winner']} ({record['winner_agent']}) by {v['method']}{gate}, "
+              f"{v['latency_ms']:.0f} ms, store {record['store']['entries']} entries", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        return None
+
+
+def load_problems(spec: str, limit: int | None = None) -> list[dict]:
+    """``humaneval`` / ``gsm8k`` / ``mmlu`` (packaged data) or a JSONL file of ``{"id", "prompt"}`` lines."""
+    from kvjudge.experiments.data import DATASETS, load_dataset
+
+    if spec.lower() in DATASETS or spec.lower() in ("human-eval", "human_eval"):
+        problems = load_dataset(spec, limit=limit)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise RunError(f"--problems {spec!r}: neither a dataset ({', '.join(DATASETS)}) nor a JSONL file")
+        problems = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
+                raise RunError(f"{path}:{n}: each line needs an \"id\" and a string \"prompt\"")
+            problems.append({**item, "id": str(item["id"])})
+        if limit is not None:
+            problems = problems[:limit]
+    if not problems:
+        raise RunError(f"--problems {spec!r} holds no problems")
+    return problems
+
+
+class ResultsFile:
+    """Append-only JSONL; every record is flushed and fsynced before the next problem starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def done_ids(self) -> set[str]:
+        """Ids of problems already finished successfully (a torn last line is ignored)."""
+        if not self.path.exists():
+            return set()
+        done = set()
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("status") == "ok":
+                done.add(str(rec["id"]))
+        return done
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _join(answers: list[tuple[str, str]]) -> str:
+    return "\n\n".join(f"[{agent}]\n{text}" for agent, text in answers)
+
+
+@dataclass
+class Orchestrator:
+    """Agents, store and judge for one topology on a (local or remote) Ray cluster."""
+
+    topology: Topology
+    model: str | None = None
+    address: str | None = None
+    reporter: Reporter = field(default_factory=PlainReporter)
+
+    def __post_init__(self) -> None:
+        self.graph = build_graph(self.topology)
+        self.order = generations(self.graph)
+        if self.model:
+            self.topology = self.topology.model_copy(
+                update={"defaults": self.topology.defaults.model_copy(update={"model": self.model})}
+            )
+        self.judge_model = self.topology.defaults.model
+        self.specs = {a: self.topology.agent_spec(a) for a in self.topology.agents}
+        self._started_ray = False
+
+    # ---------------------------------------------------------------- set-up
+    def start(self) -> dict:
+        import ray
+
+        from kvjudge.agents.actor import AgentActor
+        from kvjudge.cache.store_actor import get_or_create_store
+        from kvjudge.judges.actor import JudgeActor, judge_options
+
+        models = sorted({s.model for s in self.specs.values()})
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+            else:
+                cpus = max(os.cpu_count() or 1, len(models) + 1)
+                ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR")
+            self._started_ray = True
+        res = self.topology.resources
+        store = self.topology.store
+        self.store_name = "kvjudge-store"
+        self.store = get_or_create_store(self.store_name, budget_bytes=store.budget_bytes, eviction=store.eviction,
+                                         namespace=NAMESPACE)
+        threads = max(1, int(res.agent_num_cpus) or 1)
+        self.agents = {
+            m: AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, self.store_name, NAMESPACE, threads)
+            for m in models
+        }
+        jopts = judge_options(res.judge_resource, res.judge_num_gpus)
+        self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
+            self.judge_model, self.topology.judge.method, self.topology.judge.method_kwargs(),
+            self.store_name, NAMESPACE, 1,
+        )
+        ready = self._ready({**{f"agent model {m!r}": a for m, a in self.agents.items()},
+                             f"judge model {self.judge_model!r}": self.judge})
+        self.agent_models = {m: ready[f"agent model {m!r}"]["model_id"] for m in models}
+        self.judge_info = ready[f"judge model {self.judge_model!r}"]
+        return self.judge_info
+
+    def _ready(self, actors: dict) -> dict:
+        import ray
+
+        refs = {name: a.ready.remote() for name, a in actors.items()}
+        done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=READY_TIMEOUT_S)
+        if pending:
+            late = [n for n, r in refs.items() if r in pending]
+            raise RunError(f"{', '.join(late)}: no node could start it within {READY_TIMEOUT_S:.0f} s "
+                           f"(cluster resources: {ray.cluster_resources()})")
+        out = {}
+        for name, ref in refs.items():
+            info = ray.get(ref)
+            if "error" in info:
+                raise RunError(f"{name} failed to load on node {info['node']}: {info['error']}")
+            out[name] = info
+        return out
+
+    def stop(self) -> None:
+        import ray
+
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    # ---------------------------------------------------------------- one problem
+    def run_problem(self, problem: dict) -> dict:
+        """Agents then judge for one problem; a failure becomes a ``status: failed`` record."""
+        import ray
+
+        t0 = time.perf_counter()
+        text = problem["prompt"]
+        rounds = self.topology.rounds
+        answers: dict[str, dict] = {}
+        try:
+            for rnd in range(rounds):
+                previous_round = dict(answers)
+                answers = {} if rnd else answers
+                for gen in self.order:
+                    refs = {}
+                    for agent in gen:
+                        spec = self.specs[agent]
+                        prev = [(p, answers[p]["text"]) for p in self.topology.predecessors(agent) if p in answers]
+                        if rnd:
+                            prev += [(o, r["text"]) for o, r in previous_round.items() if o != agent]
+                        prompt = spec.prompt.format(problem=text, previous=_join(prev))
+                        final = rnd == rounds - 1
+                        request = {
+                            "agent": agent, "prompt": prompt, "problem": text,
+                            "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
+                            "seed": spec.seed + rnd, "publish": final and spec.model == self.judge_model,
+                        }
+                        self.reporter.agent(agent, "generating", round=rnd + 1)
+                        refs[agent] = self.agents[spec.model].generate.remote(request)
+                    for agent, ref in refs.items():
+                        try:
+                            answers[agent] = ray.get(ref)
+                        except Exception:
+                            self.reporter.agent(agent, "failed")
+                            raise
+                        r = answers[agent]
+                        self.reporter.agent(agent, "done", tokens=r["tokens"], tokens_per_s=r["tokens_per_s"])
+            agents = list(self.topology.agents)
+            candidates = [answers[a]["text"] for a in agents]
+            verdict = ray.get(self.judge.judge_candidates.remote(text, candidates, agents))
+            from kvjudge.cache.store import call
+
+            record = {
+                "id": problem["id"],
+                "status": "ok",
+                "candidates": [answers[a] for a in agents],
+                "verdict": verdict,
+                "winner_agent": agents[verdict["winner"] - 1],
+                "store": call(self.store, "stats"),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # an actor that died twice, a task error: record it and go on
+            reason = " ".join(str(exc).split())
+            record = {"id": problem["id"], "status": "failed", "error": f"{type(exc).__name__}: {reason[:500]}",
+                      "candidates": list(answers.values()), "elapsed_s": time.perf_counter() - t0}
+        for agent in self.topology.agents:
+            self.reporter.agent(agent, "waiting")
+        return record
+
+
+def run(
+    topology: Topology,
+    problems: list[dict],
+    out_dir: Path,
+    *,
+    model: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Run ``problems`` through ``topology``; returns ``{"done", "failed", "skipped", "results"}``."""
+    results = ResultsFile(out_dir / "results.jsonl")
+    if results.path.exists() and not resume:
+        raise RunError(f"{results.path} exists: pass --resume to continue it, or choose another --out")
+    skip = results.done_ids() if resume else set()
+    todo = [p for p in problems if str(p["id"]) not in skip]
+    reporter = reporter or PlainReporter()
+    orch = Orchestrator(topology, model=model, address=address, reporter=reporter)
+    counts = {"done": 0, "failed": 0, "skipped": len(problems) - len(todo), "results": str(results.path)}
+    try:
+        info = orch.start()
+        reporter.start({"name": topology.name, "total": len(todo), "agents": list(topology.agents),
+                        "method": topology.judge.method, "judge_node": info.get("device", "?"),
+                        "model": orch.judge_model})
+        for problem in todo:
+            record = orch.run_problem(problem)
+            results.append(record)
+            counts["done" if record["status"] == "ok" else "failed"] += 1
+            reporter.problem(record)
+    finally:
+        reporter.close()
+        orch.stop()
+    return counts
