@@ -23,6 +23,8 @@ def add_subcommands(sub: argparse._SubParsersAction, add_model: Callable) -> Non
     r.add_argument("--resume", action="store_true", help="continue OUT/results.jsonl, skipping finished problems")
     r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
     r.set_defaults(func=cmd_run)
+    from kvjudge.experiments.protocol import add_eval_command; add_eval_command(sub, add_model)
+    from kvjudge.app.dashboard import add_dashboard_command; add_dashboard_command(sub)  # noqa: E702
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

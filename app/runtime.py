@@ -201,10 +201,17 @@ class Orchestrator:
         return out
 
     def stop(self) -> None:
+        """Shut down the Ray we started, or else kill the actors we created on someone else's Ray."""
         import ray
 
-        if self._started_ray and ray.is_initialized():
+        if not ray.is_initialized():
+            return
+        if self._started_ray:
             ray.shutdown()
+            return
+        for actor in [*getattr(self, "agents", {}).values(), getattr(self, "judge", None)]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
 
     # ---------------------------------------------------------------- one problem
     def run_problem(self, problem: dict) -> dict:
@@ -284,7 +291,11 @@ def run(
         raise RunError(f"{results.path} exists: pass --resume to continue it, or choose another --out")
     skip = results.done_ids() if resume else set()
     todo = [p for p in problems if str(p["id"]) not in skip]
-    reporter = reporter or PlainReporter()
+    from kvjudge.app.metrics_actor import MetricsPublisher  # snapshots for `kvjudge dashboard`
+
+    reporter = MetricsPublisher(reporter or PlainReporter())
+    if not todo:
+        return {"done": 0, "failed": 0, "skipped": len(problems), "results": str(results.path)}
     orch = Orchestrator(topology, model=model, address=address, reporter=reporter)
     counts = {"done": 0, "failed": 0, "skipped": len(problems) - len(todo), "results": str(results.path)}
     try:

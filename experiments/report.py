@@ -1,0 +1,245 @@
+"""``OUT/report.md``: our numbers laid out like the DG-JKR paper's Tables 1-5, the paper's beside them.
+
+Everything is read from the summary dict that :func:`kvjudge.experiments.protocol.summarize`
+builds (fractions in [0, 1]; shown here as percentages).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["PAPER", "METHOD_NAMES", "render_report", "write_report", "console_table", "regime_rows"]
+
+METHOD_NAMES = {
+    "dense": "Dense Prefill", "naive": "Naive Reuse", "kvcomm": "KVCOMM", "pal_kv": "PAL-KV",
+    "random_gate": "Random Gating", "dg_jkr": "DG-JKR",
+}
+REGIME_NAMES = {"progressive_refinement": "Progressive Refinement", "debate": "Parallel Exploration"}
+
+# The paper's numbers (HumanEval, Progressive Refinement, N = 4, Llama-3.2-3B-Instruct), in percent / ms.
+PAPER = {
+    "model": "Llama-3.2-3B-Instruct (HumanEval, A100-80GB)",
+    "table1": {
+        "dense": {"pass_at_1": "42.24", "jcr": "100.00", "reuse_rate": "0.00", "coverage": "–"},
+        "naive": {"pass_at_1": "51.25", "jcr": "66.25", "reuse_rate": "100.00", "coverage": "–"},
+        "kvcomm": {"pass_at_1": "47.50", "jcr": "61.25", "reuse_rate": "47.88", "coverage": "–"},
+        "pal_kv": {"pass_at_1": "49.07", "jcr": "24.22", "reuse_rate": "44.84", "coverage": "–"},
+        "random_gate": {"pass_at_1": "–", "jcr": "68.12 ± 1.87", "reuse_rate": "–", "coverage": "82.50"},
+        "dg_jkr": {"pass_at_1": "50.62", "jcr": "74.38", "reuse_rate": "83.12", "coverage": "83.12"},
+    },
+    "table2": [
+        ("Progressive Refinement", "73.75", "68.12", "+5.63", "82.50", "✓"),
+        ("Parallel Exploration", "72.96", "67.29", "+5.67", "65.41", "✓"),
+    ],
+    "table3": {"naive": ("78.33", "–"), "dg_jkr": ("80.00 ± 0.62", "75.94")},
+    "table4": {"dense": ("92.23", "1.00×"), "naive": ("53.32", "0.58×"), "kvcomm": ("409.82", "4.44×"),
+               "dg_jkr": ("425.39", "4.61×")},
+    "table5": [
+        ("Agreement", "133", "83.12", "233.67 ± 67.37", "14153 ± 8984"),
+        ("Disagreement", "27", "16.88", "224.39 ± 74.14", "15592 ± 10555"),
+    ],
+    "table5_tests": "Mean length U = 1955.5, p = 0.467; length variance U = 1698.0, p = 0.659",
+    # points for the plots: (reuse rate or coverage %, JCR %, latency ratio)
+    "points": {"dense": (0.0, 100.0, 1.00), "naive": (100.0, 66.25, 0.58), "kvcomm": (47.88, 61.25, 4.44),
+               "pal_kv": (44.84, 24.22, None), "random_gate": (82.50, 68.12, None),
+               "dg_jkr": (83.12, 74.38, 4.61)},
+}
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100.0 * x:.{digits}f}"
+
+
+def _pm(ms: list | tuple | None) -> str:
+    return "–" if not ms else f"{100.0 * ms[0]:.2f} ± {100.0 * ms[1]:.2f}"
+
+
+def _ci(ci: list | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "–" if not ci else f"[{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
+
+def _name(m: str) -> str:
+    return METHOD_NAMES.get(m, m) + (" (ours)" if m == "dg_jkr" else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def regime_rows(summary: dict, out_dir: Path | None) -> list[dict]:
+    """Table 2 rows: this run plus any sibling run (same OUT parent, same data set, other topology)."""
+    runs = [(out_dir, summary)]
+    if out_dir is not None and out_dir.parent.is_dir():
+        here = out_dir.resolve()
+        for d in sorted(out_dir.parent.iterdir()):
+            f = d / "summary.json"
+            if d.resolve() == here or not f.is_file():
+                continue
+            try:
+                other = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            cfg = other.get("config") or {}
+            if cfg.get("dataset") != summary["config"].get("dataset") or not isinstance(other.get("methods"), dict):
+                continue
+            runs.append((d, other))
+    rows = []
+    seen = set()
+    for d, s in runs:
+        topo = str(s["config"].get("topology", "?"))
+        stem = Path(topo).stem
+        if stem in seen:
+            continue
+        seen.add(stem)
+        ms = s["methods"]
+        dg, rg = ms.get("dg_jkr"), ms.get("random_gate")
+        sig = (s.get("significance") or {}).get("dg_jkr_vs_random_gate")
+        rows.append({
+            "regime": REGIME_NAMES.get(stem, stem), "run": str(d) if d else "", "dg_jkr": dg and dg["jcr"],
+            "random_gate": rg and rg["jcr"], "gap": (dg["jcr"] - rg["jcr"]) if dg and rg else None,
+            "coverage": dg and dg.get("coverage"), "p_value": sig and sig["p_value"],
+            "significant": sig and sig["significant"],
+        })
+    return rows
+
+
+def render_report(summary: dict, out_dir: Path | None = None) -> str:
+    cfg = summary["config"]
+    ms = summary["methods"]
+    order = [m for m in ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"] if m in ms]
+    order += [m for m in ms if m not in order]
+    seeds = ", ".join(map(str, cfg.get("seeds", [])))
+    lines = [f"# DG-JKR evaluation: {cfg.get('dataset')}", ""]
+    lines.append(f"Our numbers: judge and candidate model **{cfg.get('model')}** (`{cfg.get('model_id')}`, "
+                 f"{cfg.get('device')}, {cfg.get('dtype')}); {cfg.get('n_problems')} problems × "
+                 f"{len(cfg.get('seeds', []))} shuffle seeds ({seeds}) = "
+                 f"{ms['dense']['n']} (problem, seed) records per method; candidates: {cfg.get('candidates')} "
+                 f"(topology {cfg.get('topology')}, N = {', '.join(map(str, cfg.get('n_candidates', [])))}).")
+    lines.append(f"Paper numbers: {PAPER['model']}, seed 42. Metrics are pooled over all (problem, seed) "
+                 "records; ± is the population std over seeds; CIs are 95% percentile bootstrap.")
+    cov = cfg.get("random_gate_coverage")
+    if cov:
+        lines.append(f"Random Gating coverage ({cfg.get('random_gate_coverage_source')}): "
+                     + ", ".join(f"seed {s}: {_pct(c)}%" for s, c in cov.items()) + ".")
+    if cfg.get("skipped"):
+        lines.append(f"Skipped (cannot be judged): {len(cfg['skipped'])} problems.")
+    lines.append("")
+
+    # Table 1
+    lines += ["## Table 1: main results", ""]
+    rows = []
+    for m in order:
+        r = ms[m]
+        p = PAPER["table1"].get(m, {})
+        jcr = _pct(r["jcr"]) + (f" ± {100 * r['jcr_mean_std'][1]:.2f}" if m in ("random_gate", "dg_jkr") else "")
+        rows.append([_name(m), _pct(r["pass_at_1"]), jcr, _pct(r["reuse_rate"]), _pct(r.get("coverage")),
+                     p.get("pass_at_1", "–"), p.get("jcr", "–"), p.get("reuse_rate", "–"), p.get("coverage", "–")])
+    lines += _table(["Method", "Pass@1 (%)", "JCR (%)", "Reuse Rate (%)", "Coverage (%)",
+                     "Paper Pass@1", "Paper JCR", "Paper Reuse", "Paper Coverage"], rows)
+    lines += ["", "95% bootstrap CIs (ours):", ""]
+    rows = [[_name(m), _ci(ms[m]["pass_at_1_ci"]), _ci(ms[m]["jcr_ci"]), _ci(ms[m]["reuse_rate_ci"]),
+             _ci(ms[m].get("coverage_ci")), _ci(ms[m]["latency_ms_ci"], 1.0)] for m in order]
+    lines += _table(["Method", "Pass@1", "JCR", "Reuse Rate", "Coverage", "Latency (ms)"], rows)
+
+    # Table 2
+    lines += ["", "## Table 2: cross-regime generalization", ""]
+    rows = []
+    for r in regime_rows(summary, out_dir):
+        sig = "–" if r["significant"] is None else ("✓" if r["significant"] else "✗")
+        p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
+        gap = "–" if r["gap"] is None else f"{100 * r['gap']:+.2f}"
+        rows.append([f"{r['regime']} (ours)", _pct(r["dg_jkr"]), _pct(r["random_gate"]), gap,
+                     _pct(r["coverage"]), f"{sig} (p = {p})"])
+    for row in PAPER["table2"]:
+        rows.append([f"{row[0]} (paper)", *row[1:]])
+    lines += _table(["Regime", "DG-JKR JCR (%)", "Random JCR (%)", "Gap (pp)", "Coverage (%)", "Significant?"],
+                    rows)
+    sig = summary.get("significance") or {}
+    if sig:
+        lines += ["", "Paired tests on per-record consistency with Dense Prefill (exact McNemar):", ""]
+        for name, t in sig.items():
+            a, b = name.split("_vs_")
+            lines.append(f"- {METHOD_NAMES.get(a, a)} vs {METHOD_NAMES.get(b, b)}: {100 * t['jcr_a']:.2f}% vs "
+                         f"{100 * t['jcr_b']:.2f}% ({100 * t['gap']:+.2f} pp), discordant {t['a_only']}/"
+                         f"{t['b_only']}, p = {t['p_value']:.3g} (n = {t['n']})")
+
+    # Table 3
+    lines += ["", "## Table 3: functional metrics over seeds", ""]
+    rows = []
+    for m in order:
+        r = ms[m]
+        p = PAPER["table3"].get(m, ("–", "–"))
+        rows.append([_name(m), _pct(r["jcr_f"]), _pm(r.get("jcr_f_mean_std")), _pct(r.get("precision_f")),
+                     _pm(r.get("jcr_mean_std")), p[0], p[1]])
+    lines += _table(["Method", "JCR-F (%)", "JCR-F mean ± std", "Precision-F (%)", "JCR mean ± std",
+                     "Paper JCR-F", "Paper Precision-F"], rows)
+
+    # Table 4
+    lines += ["", "## Table 4: per-problem judge latency", ""]
+    rows = []
+    for m in order:
+        r = ms[m]
+        p = PAPER["table4"].get(m, ("–", "–"))
+        ratio = "–" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.2f}×"
+        rows.append([_name(m), f"{r['latency_ms']:.2f}", ratio, p[0], p[1]])
+    lines += _table(["Method", "Latency (ms)", "Overhead vs. Dense", "Paper (ms)", "Paper overhead"], rows)
+
+    # Table 5
+    part = summary.get("partition")
+    lines += ["", "## Table 5: disagreement partition (DG-JKR)", ""]
+    if part:
+        rows = []
+        for key, label in (("agreement", "Agreement"), ("disagreement", "Disagreement")):
+            q = part[key]
+            ml = "–" if not q["mean_length"] else f"{q['mean_length'][0]:.2f} ± {q['mean_length'][1]:.2f}"
+            lv = "–" if not q["length_variance"] else f"{q['length_variance'][0]:.0f} ± {q['length_variance'][1]:.0f}"
+            rows.append([f"{label} (ours)", q["count"], _pct(q["fraction"]), ml, lv])
+        for row in PAPER["table5"]:
+            rows.append([f"{row[0]} (paper)", *row[1:]])
+        lines += _table(["Partition", "Count", "Fraction (%)", "Mean Token Length", "Length Variance"], rows)
+
+        def t(x: dict) -> str:
+            return "n/a (a partition is empty)" if x["U"] is None else (
+                f"U = {x['U']:.1f}, p = {'n/a' if x['p_value'] is None else format(x['p_value'], '.3f')}")
+
+        lines += ["", f"Mann-Whitney U (ours, per {part.get('unit', 'record')}, candidate lengths in judge tokens): "
+                      f"mean length {t(part['mean_length_test'])}; length variance {t(part['length_variance_test'])}.",
+                  f"Paper: {PAPER['table5_tests']}."]
+    else:
+        lines.append("DG-JKR was not run: no partition.")
+
+    lines += ["", "## Plots", "", "![JCR vs coverage](jcr_vs_coverage.png)", "",
+              "![Latency ratio](latency_ratio.png)", ""]
+    t = cfg.get("timings_s") or {}
+    if t:
+        lines.append("Timings: " + ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:.1f} s" for k, v in t.items())
+                     + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(summary: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    path = out_dir / "report.md"
+    path.write_text(render_report(summary, out_dir), encoding="utf-8")
+    return path
+
+
+def console_table(summary: dict) -> str:
+    """A compact plain-text table for the terminal."""
+    ms = summary["methods"]
+    head = f"{'method':<14}{'pass@1':>8}{'JCR':>8}{'JCR-F':>8}{'reuse':>8}{'cover':>8}{'ms':>10}{'x dense':>9}"
+    lines = [f"{summary['config'].get('dataset')} with {summary['config'].get('model')}: "
+             f"{summary['config'].get('n_problems')} problems x {len(summary['config'].get('seeds', []))} seeds",
+             head]
+    for m, r in ms.items():
+        ratio = "–" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.2f}"
+        lines.append(f"{m:<14}{_pct(r['pass_at_1'], 1):>8}{_pct(r['jcr'], 1):>8}{_pct(r['jcr_f'], 1):>8}"
+                     f"{_pct(r['reuse_rate'], 1):>8}{_pct(r.get('coverage'), 1):>8}{r['latency_ms']:>10.1f}{ratio:>9}")
+    sig = (summary.get("significance") or {}).get("dg_jkr_vs_random_gate")
+    if sig:
+        lines.append(f"DG-JKR vs random gate: {100 * sig['gap']:+.2f} pp, p = {sig['p_value']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""`kvjudge eval`: shuffles mapped back to original candidates, metric aggregation, resume, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvjudge.app.cli import main
+from kvjudge.experiments.protocol import (
+    CandidateSet, EvalConfig, ResultsLog, evaluate, judge_all, load_candidates, parse_methods, parse_seeds,
+    permutation, to_original,
+)
+from kvjudge.judges.base import Verdict
+
+METHODS = ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"]
+
+
+# ------------------------------------------------------------------ hand-made shuffles with a stub judge
+
+class StubJudge:
+    """dense picks the candidate containing WIN; naive always picks display slot 1."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def prefetch(self, problem, candidates):
+        return None
+
+    def method(self, name, **options):
+        return None
+
+    def judge(self, problem, candidates, method=None, sources=None):
+        self.calls.append((method, tuple(candidates)))
+        slot = next(i for i, c in enumerate(candidates) if "WIN" in c) + 1 if method == "dense" else 1
+        scores = [0.0] * len(candidates)
+        scores[slot - 1] = 1.0
+        return Verdict(method=method, winner=slot, scores=scores, reused=method != "dense", latency_ms=1.0,
+                       prefilled_tokens=0, encoded_tokens=0, decision=None)
+
+
+def test_permutation_is_seeded_and_maps_back():
+    perm = permutation(42, "HumanEval/0", 4)
+    assert sorted(perm) == [0, 1, 2, 3] and perm == permutation(42, "HumanEval/0", 4)
+    assert any(permutation(s, "HumanEval/0", 4) != perm for s in (123, 456, 7, 8))
+    assert to_original([2, 0, 3, 1], 1) == 2 and to_original([2, 0, 3, 1], 4) == 1
+    with pytest.raises(ValueError):
+        to_original([0, 1], 3)
+
+
+def test_winners_mapped_back_through_permutations(tmp_path):
+    problems = [{"id": f"t{k}", "prompt": f"problem {k}"} for k in range(6)]
+    sets = {p["id"]: CandidateSet(p["id"], ["a", "b WIN", "c", "d"], ["a1", "a2", "a3", "a4"]) for p in problems}
+    passes = {p["id"]: [False, True, False, False] for p in problems}
+    log = ResultsLog(tmp_path / "results.jsonl")
+    judge = StubJudge()
+    judge_all(judge, problems, sets, passes, [42, 123], ["dense", "naive"], log)
+    assert len(log.records) == 6 * 2 * 2
+    for (tid, seed, method), rec in log.records.items():
+        perm = permutation(seed, tid, 4)
+        assert rec["permutation"] == perm
+        if method == "dense":
+            # WIN moves around the display slots, but it is always original candidate 1
+            assert rec["winner_slot"] == perm.index(1) + 1 and rec["winner_original"] == 1 and rec["passed"]
+        else:
+            assert rec["winner_slot"] == 1 and rec["winner_original"] == perm[0]
+            assert rec["consistent"] == (perm[0] == 1) and rec["passed"] == (perm[0] == 1)
+    # the judge saw the shuffled texts
+    shown = {c for m, c in judge.calls if m == "dense"}
+    assert len(shown) > 1
+
+
+# ------------------------------------------------------------------ aggregation with the tiny judge
+
+GSM = [("What is 2 + 3?", 5), ("What is 10 - 4?", 6), ("What is 3 * 3?", 9), ("What is 8 / 2?", 4)]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"step\n#### {a}"}) + "\n" for q, a in GSM))
+    cands = root / "cands.jsonl"
+    with cands.open("w") as fh:
+        for i, (q, a) in enumerate(GSM):
+            texts = [f"The answer is {a + d}." for d in (0, 1, -1, 2)]
+            fh.write(json.dumps({"task_id": f"gsm8k/{i}", "candidates": texts, "sources": ["a1", "a2", "a3", "a4"]})
+                     + "\n")
+    return root, data, cands
+
+
+def _cfg(root, data, cands, out, seeds="42,123", resume=False):
+    return EvalConfig(dataset="gsm8k", out=root / out, model="tiny-llama", methods=",".join(METHODS), seeds=seeds,
+                      candidates=cands, data=str(data), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def summary(synthetic):
+    root, data, cands = synthetic
+    return evaluate(_cfg(root, data, cands, "run"), progress=False)
+
+
+def _in01(x):
+    return x is None or (0.0 <= x <= 1.0)
+
+
+def test_metric_aggregation(summary, synthetic):
+    ms = summary["methods"]
+    assert list(ms) == METHODS
+    assert ms["dense"]["jcr"] == 1.0 and ms["dense"]["jcr_f"] == 1.0
+    assert ms["dense"]["reuse_rate"] == 0.0 and ms["naive"]["reuse_rate"] == 1.0
+    assert ms["dense"]["coverage"] is None and ms["naive"]["coverage"] is None
+    assert ms["dense"]["latency_ratio"] == pytest.approx(1.0)
+    for m, r in ms.items():
+        assert r["n"] == 4 * 2
+        for k in ("pass_at_1", "jcr", "jcr_f", "reuse_rate", "coverage"):
+            assert _in01(r[k]), (m, k, r[k])
+            if r[k] is not None:
+                lo, hi = r[f"{k}_ci"]
+                assert lo - 1e-9 <= r[k] <= hi + 1e-9
+        assert len(r["jcr_mean_std"]) == 2 and r["latency_ms"] > 0
+        # pooled JCR is the mean of the per-seed JCRs (equal problem counts per seed)
+        assert r["jcr_mean_std"][0] == pytest.approx(r["jcr"])
+    # candidate 0 is the right answer: pass@1 of dense = how often dense picks it
+    assert ms["dense"]["pass_at_1"] in {k / 8 for k in range(9)}
+    # DG-JKR: reuse exactly where it accepted; random gate matched to its per-seed coverage
+    dg = ms["dg_jkr"]
+    assert dg["coverage"] == pytest.approx(dg["reuse_rate"])
+    cov = summary["config"]["random_gate_coverage"]
+    for seed in ("42", "123"):
+        assert cov[seed] == pytest.approx(dg["per_seed"][seed]["coverage"])
+        assert ms["random_gate"]["per_seed"][seed]["coverage_target"] == pytest.approx(cov[seed])
+    # eq. 2: JCR_gated = d + (1 - d) p
+    if dg["precision"] is not None:
+        assert dg["jcr"] == pytest.approx((1 - dg["coverage"]) + dg["coverage"] * dg["precision"])
+    sig = summary["significance"]["dg_jkr_vs_random_gate"]
+    assert 0.0 <= sig["p_value"] <= 1.0 and sig["n"] == 8
+    part = summary["partition"]
+    assert part["agreement"]["count"] + part["disagreement"]["count"] == 8
+
+
+def test_results_lines_and_files(summary, synthetic):
+    root = synthetic[0]
+    lines = [json.loads(x) for x in (root / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 * 2 * len(METHODS)
+    keys = {"task_id", "seed", "method", "permutation", "winner_slot", "winner_original", "passed", "consistent",
+            "reused", "latency_ms", "decision"}
+    assert all(keys <= set(r) for r in lines)
+    dense = {(r["task_id"], r["seed"]): r["winner_original"] for r in lines if r["method"] == "dense"}
+    for r in lines:
+        assert r["winner_original"] == r["permutation"][r["winner_slot"] - 1]
+        assert r["consistent"] == (r["winner_original"] == dense[(r["task_id"], r["seed"])])
+    assert load_candidates(root / "run" / "candidates.jsonl").keys() == {f"gsm8k/{i}" for i in range(4)}
+    for name in ("summary.json", "report.md", "jcr_vs_coverage.png", "latency_ratio.png"):
+        assert (root / "run" / name).stat().st_size > 0
+
+
+def test_resume_skips_done_triples(summary, synthetic):
+    root, data, cands = synthetic
+    path = root / "run" / "results.jsonl"
+    before = path.read_text().splitlines()
+    with pytest.raises(ValueError, match="--resume"):
+        evaluate(_cfg(root, data, cands, "run"), progress=False)
+    evaluate(_cfg(root, data, cands, "run", resume=True), progress=False)
+    assert path.read_text().splitlines() == before  # nothing re-judged
+    # a torn last line and a new seed: only the missing triples are judged
+    with path.open("a") as fh:
+        fh.write('{"task_id": "gsm8k/0", "se')
+    again = evaluate(_cfg(root, data, cands, "run", seeds="42,123,456", resume=True), progress=False)
+    lines = path.read_text().splitlines()
+    assert lines[: len(before)] == before  # the torn line was dropped, the rest kept
+    good = [json.loads(x) for x in lines[len(before):]]
+    assert len(good) == 4 * len(METHODS) and {r["seed"] for r in good} == {456}
+    assert again["methods"]["dense"]["n"] == 12
+
+
+def test_parse_flags():
+    assert parse_methods("naive,dg_jkr,naive") == ["dense", "naive", "dg_jkr"]
+    assert parse_seeds("42, 123") == [42, 123]
+    for bad in ("", "1,1", "x"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="unknown judge method 'nope'"):
+        parse_methods("dense,nope")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "naive,bogus"], "unknown judge method 'bogus'"),
+    (["--seeds", "42,abc"], "'abc' is not an integer"),
+    (["--candidates", "/no/such/cands.jsonl"], "--candidates: file not found"),
+    (["--limit", "0"], "--limit must be >= 1"),
+])
+def test_bad_flags_one_line(capsys, argv, message):
+    assert main(["eval", "humaneval", "--model", "tiny-llama", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+# ------------------------------------------------------------------ end to end through Ray
+
+def test_eval_humaneval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "eval-humaneval"
+    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "3", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"config", "methods", "significance", "partition"}
+    assert summary["config"]["n_problems"] == 3 and summary["config"]["seeds"] == [42, 123, 456]
+    assert set(summary["methods"]) == set(METHODS)
+    for r in summary["methods"].values():
+        assert {"pass_at_1", "jcr", "jcr_f", "reuse_rate", "coverage", "latency_ms", "jcr_ci", "jcr_mean_std"} <= set(r)
+        for k in ("pass_at_1", "jcr", "jcr_f", "reuse_rate", "coverage"):
+            assert _in01(r[k])
+        assert math.isfinite(r["latency_ms"])
+    assert summary["methods"]["dense"]["jcr"] == 1.0
+    cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 3 and all(len(c["candidates"]) == 4 == len(c["sources"]) for c in cands)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3 * 3 * len(METHODS)
+    report = (out / "report.md").read_text()
+    for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "| Method | Pass@1 (%) | JCR (%)", "tiny-llama",
+                   "74.38", "425.39", "80.00 ± 0.62"):
+        assert needle in report, needle
+    assert (out / "jcr_vs_coverage.png").stat().st_size > 1000
+    assert (out / "latency_ratio.png").stat().st_size > 1000

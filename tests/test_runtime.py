@@ -1,0 +1,116 @@
+"""Orchestration end to end on Ray with tiny-llama: both shipped topologies, resume, faults, a cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from kvjudge.app.runtime import Orchestrator, PlainReporter, ResultsFile, RunError, load_problems, run
+from kvjudge.topologies import load_topology, load_topology_text, resolve_topology
+
+PROBLEMS = [
+    {"id": "p1", "prompt": "Write a Python function double(x) that returns 2 * x."},
+    {"id": "p2", "prompt": "What is 17 + 25? Answer with a number."},
+    {"id": "p3", "prompt": "Write a function is_even(n)."},
+]
+
+SMALL = """
+name: small
+defaults: {model: tiny-llama, max_new_tokens: 8}
+agents:
+  a: {role: solver, prompt: "Solve: {problem}"}
+  b: {role: refiner, prompt: "Improve: {previous} for {problem}"}
+edges: [{source: a, target: b}]
+judge: {method: dg_jkr}
+"""
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, namespace="kvjudge", include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name", ["progressive_refinement", "debate"])
+def test_shipped_topology_end_to_end(local_ray, tmp_path, name):
+    topo = load_topology(resolve_topology(name))
+    topo = topo.model_copy(update={"defaults": topo.defaults.model_copy(update={"max_new_tokens": 16})})
+    counts = run(topo, load_problems("humaneval", limit=2), tmp_path, model="tiny-llama", reporter=PlainReporter())
+    assert counts["done"] == 2 and counts["failed"] == 0
+    records = _records(tmp_path / "results.jsonl")
+    assert [r["id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
+    for rec in records:
+        assert [c["agent"] for c in rec["candidates"]] == list(topo.agents)
+        v = rec["verdict"]
+        assert 1 <= v["winner"] <= len(topo.agents) and rec["winner_agent"] == list(topo.agents)[v["winner"] - 1]
+        assert "agreed" in v["decision"]
+        # the agents published judge-context KV: the judge fetched every candidate from the store
+        assert v["store_fetched"] == len(topo.agents)
+        assert rec["store"]["bytes"] <= rec["store"]["budget_bytes"]
+
+
+def test_resume_skips_finished_problems(local_ray, tmp_path):
+    topo = load_topology_text(SMALL)
+    first = run(topo, PROBLEMS[:2], tmp_path)
+    assert first["done"] == 2
+    with pytest.raises(RunError, match="--resume"):
+        run(topo, PROBLEMS, tmp_path)
+    again = run(topo, PROBLEMS, tmp_path, resume=True)
+    assert again == {**again, "done": 1, "skipped": 2}
+    ids = [r["id"] for r in _records(tmp_path / "results.jsonl")]
+    assert ids == ["p1", "p2", "p3"]  # no duplicates
+    assert run(topo, PROBLEMS, tmp_path, resume=True)["skipped"] == 3
+
+
+def test_torn_last_line_is_ignored_on_resume(tmp_path):
+    f = ResultsFile(tmp_path / "results.jsonl")
+    f.append({"id": "p1", "status": "ok"})
+    f.append({"id": "p2", "status": "failed", "error": "x"})
+    with f.path.open("a") as fh:
+        fh.write('{"id": "p3", "sta')
+    assert f.done_ids() == {"p1"}
+
+
+def test_killed_agent_actor_is_restarted_or_recorded(local_ray):
+    orch = Orchestrator(load_topology_text(SMALL), reporter=PlainReporter())
+    orch.start()
+    try:
+        actor = orch.agents["tiny-llama"]
+        ray.kill(actor, no_restart=False)  # dies; Ray restarts it and retries the call
+        rec = orch.run_problem(PROBLEMS[0])
+        assert rec["status"] == "ok", rec.get("error")
+        ray.kill(actor, no_restart=True)  # gone for good: the problem is recorded as failed, with why
+        rec = orch.run_problem(PROBLEMS[1])
+        assert rec["status"] == "failed" and "Actor" in rec["error"]
+    finally:
+        orch.stop()
+
+
+def test_model_that_fails_to_load_is_one_clear_error(local_ray):
+    topo = load_topology_text(SMALL.replace("model: tiny-llama", "model: /no/such/checkpoint"))
+    orch = Orchestrator(topo, reporter=PlainReporter())
+    try:
+        with pytest.raises(RunError, match="agent model '/no/such/checkpoint' failed to load.*neither a built-in"):
+            orch.start()
+    finally:
+        orch.stop()
+
+
+def test_problem_file_errors(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": 1, "prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(RunError, match=r"p.jsonl:2: each line needs"):
+        load_problems(str(bad))
+    bad.write_text("{not json\n")
+    with pytest.raises(RunError, match=r"p.jsonl:1: not JSON"):
+        load_problems(str(bad))
+    with pytest.raises(RunError, match="neither a dataset"):
+        load_problems(str(tmp_path / "missing.jsonl"))
