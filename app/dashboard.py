@@ -161,7 +161,7 @@ def progress_panel(s: Snapshot, now: float | None = None) -> Panel:
     n = s.finished_problems
     elapsed = (now - s.started_at) if s.started_at is not None else None
     eta = s.eta_s(now)
-    style = "red" if s.failed and not s.done else ("green" if s.finished else "bar.complete")
+    style = "red" if s.failed and not s.done else ("green" if s.finished else "cyan")
     lines: list = [_bar(n, s.total or 1, f"{n}/{s.total}", style=style)]
     status = ("finished", "bold green") if s.finished else ("running", "bold yellow")
     lines.append(_line(status, ("  done ", "dim"), (str(s.done), "green"), ("  failed ", "dim"),

@@ -159,7 +159,7 @@ class Orchestrator:
                 ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
             else:
                 cpus = max(os.cpu_count() or 1, len(models) + 1)
-                ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+                ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                          logging_level="ERROR")
             self._started_ray = True
         res = self.topology.resources

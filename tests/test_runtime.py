@@ -34,7 +34,7 @@ def _records(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, namespace="kvjudge", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, namespace="kvjudge", include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
