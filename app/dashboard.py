@@ -314,6 +314,31 @@ def add_dashboard_command(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_dashboard)
 
 
+def _probe(address: str) -> None:
+    """Fail fast (one line) when nothing listens at the cluster's address: Ray itself retries for minutes."""
+    import socket
+
+    if address.startswith("ray://"):
+        hostport: str | None = address[len("ray://"):]
+    else:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            hostport = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto" and no cluster started on this machine
+            raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
+        except Exception:  # a Ray without this helper: let ray.init judge
+            return
+    if not hostport or ":" not in hostport:
+        return
+    host, port = hostport.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValueError(f"cannot connect to the Ray cluster at {address!r} ({hostport}): {reason}") from None
+
+
 def _connect(address: str):
     """Ray connected to ``address`` (reused when already connected), and the run's metrics actor."""
     import ray
@@ -321,6 +346,7 @@ def _connect(address: str):
     from kvjudge.app.metrics_actor import METRICS_NAMESPACE, find_metrics_actor
 
     if not ray.is_initialized():
+        _probe(address)
         try:
             ray.init(address=address, namespace=METRICS_NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except Exception as exc:

@@ -41,8 +41,6 @@ def plot_jcr_vs_coverage(summary: dict, path: Path) -> Path:
         lo, hi = r["jcr_ci"]
         ax.errorbar([100 * x], [100 * y], yerr=[[100 * (y - lo)], [100 * (hi - y)]], fmt="o", color=colors(i),
                     capsize=3, label=METHOD_NAMES.get(m, m))
-        ax.annotate(METHOD_NAMES.get(m, m), (100 * x, 100 * y), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
         p = PAPER["points"].get(m)
         if p is not None:
             ax.scatter([p[0]], [p[1]], facecolors="none", edgecolors=colors(i), marker="s", s=45)

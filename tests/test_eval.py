@@ -201,12 +201,13 @@ def test_bad_flags_one_line(capsys, argv, message):
 
 def test_eval_humaneval_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval-humaneval"
-    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "3", "--out", str(out)])
+    # one seed keeps the file fast on a 2-core machine (the seed loop is covered above)
+    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "3", "--seeds", "42", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"config", "methods", "significance", "partition"}
-    assert summary["config"]["n_problems"] == 3 and summary["config"]["seeds"] == [42, 123, 456]
+    assert summary["config"]["n_problems"] == 3 and summary["config"]["seeds"] == [42]
     assert set(summary["methods"]) == set(METHODS)
     for r in summary["methods"].values():
         assert {"pass_at_1", "jcr", "jcr_f", "reuse_rate", "coverage", "latency_ms", "jcr_ci", "jcr_mean_std"} <= set(r)
@@ -216,7 +217,7 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
     assert summary["methods"]["dense"]["jcr"] == 1.0
     cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == 3 and all(len(c["candidates"]) == 4 == len(c["sources"]) for c in cands)
-    assert len((out / "results.jsonl").read_text().splitlines()) == 3 * 3 * len(METHODS)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3 * len(METHODS)
     report = (out / "report.md").read_text()
     for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "| Method | Pass@1 (%) | JCR (%)", "tiny-llama",
                    "74.38", "425.39", "80.00 ± 0.62"):
