@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 from kvjudge.topologies import Topology, build_graph, generations
 
 NAMESPACE = "kvjudge"
+ZERO_COPY = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
 
 
@@ -155,12 +157,16 @@ class Orchestrator:
 
         models = sorted({s.model for s in self.specs.values()})
         if not ray.is_initialized():
+            # KV segments are never written in place after they are made: let Ray pass them zero-copy
+            env = {ZERO_COPY: os.environ.setdefault(ZERO_COPY, "1")}
+            warnings.filterwarnings("ignore", message=".*(Zero-copy tensor|NumPy array is not writable).*")
+            common = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
+                          runtime_env={"env_vars": env})
             if self.address:
-                ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+                ray.init(address=self.address, **common)
             else:
                 cpus = max(os.cpu_count() or 1, len(models) + 1)
-                ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
-                         logging_level="ERROR")
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
             self._started_ray = True
         res = self.topology.resources
         store = self.topology.store

@@ -20,14 +20,15 @@ from kvjudge.cache.segments import KVSegment
 
 
 def to_host(segment: KVSegment) -> KVSegment:
-    """``segment`` with its tensors on the CPU (the same object when they already are).
+    """``segment`` with contiguous CPU tensors (the same object when they already are).
 
-    Call this before putting a CUDA segment into a store that lives in another process: only CPU
-    tensors travel through Ray's object store.
+    Call this before putting a segment into a store that lives in another process: only contiguous
+    CPU tensors travel through Ray's object store (zero-copy with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``).
     """
-    if segment.keys.device.type == "cpu" and segment.values.device.type == "cpu":
+    k, v = segment.keys, segment.values
+    if k.device.type == "cpu" and v.device.type == "cpu" and k.is_contiguous() and v.is_contiguous():
         return segment
-    return segment.to("cpu")
+    return KVSegment(k.cpu().contiguous(), v.cpu().contiguous(), segment.start, segment.token_ids)
 
 
 class KVStore:

@@ -607,7 +607,8 @@ def add_eval_command(sub: argparse._SubParsersAction, add_model: Callable) -> No
     e.add_argument("dataset", choices=["humaneval", "gsm8k", "mmlu"], help="benchmark")
     add_model(e, default="smollm2-135m")
     e.add_argument("--topology", default="progressive_refinement",
-                   help="topology generating the candidates (file or shipped name; default progressive_refinement)")
+                   help="topology generating the candidates (file or shipped name; default progressive_refinement); "
+                        "with --candidates it only labels the regime in the report")
     e.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated judge methods, dense always included (default {','.join(DEFAULT_METHODS)})")
     e.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="shuffle seeds (default 42,123,456)")

@@ -251,6 +251,19 @@ def test_dashboard_bad_interval(capsys):
     assert err == ["kvjudge dashboard: error: --interval must be > 0, got 0.0"]
 
 
+def test_dashboard_unreachable_cluster_fails_fast(capsys):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already connected in this process")
+    from kvjudge.app.cli import main
+
+    t0 = time.time()
+    assert main(["dashboard", "--address", "ray://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvjudge dashboard: error: cannot connect to the Ray cluster at")
+    assert time.time() - t0 < 30 and not ray.is_initialized()
+
+
 # ---------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def local_ray():
@@ -354,3 +367,13 @@ def test_run_in_a_terminal_shows_the_dashboard(tmp_path):
     assert "1 done, 0 failed, 0 skipped" in screen
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"
+
+
+def test_render_without_width_adapts_to_the_console():
+    s = snapshot()
+    for width, side_by_side in ((80, False), (140, True)):
+        console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+        console.print(render(s, now=s.updated_at))
+        lines = console.export_text().rstrip("\n").split("\n")
+        check_frame(lines, width)
+        assert ("KV store" in lines[0]) is side_by_side
