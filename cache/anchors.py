@@ -31,7 +31,7 @@ test cannot tell them apart and asks for a new anchor: the layout sensitivity th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -89,16 +89,25 @@ def _no_layer0(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class AnchorPool:
+class AnchorConfig:
+    """Hyper-parameters of an anchor pool (KVCOMM's defaults)."""
+
+    gamma: float = 0.3  # entropy threshold, as a fraction of log2(#anchors)
+    max_anchors: int = 20
+    window: int = 5  # eviction looks at this many oldest anchors
+    top_p: float = 0.9  # anchors whose weights sum to this get an activation on reuse
+    probe_tokens: int = 32  # tokens compared by the entropy test
+    min_anchors: int = 2  # fewer usable anchors -> measure a new one
+    tau: float = 1.0  # softmax temperature
+
+    def anchor_config(self) -> "AnchorConfig":
+        return AnchorConfig(**{f.name: getattr(self, f.name) for f in fields(AnchorConfig)})
+
+
+@dataclass
+class AnchorPool(AnchorConfig):
     """Anchors of one pool (one source agent for KVCOMM, one display slot for PAL-KV)."""
 
-    gamma: float = 0.3
-    max_anchors: int = 20
-    window: int = 5
-    top_p: float = 0.9
-    probe_tokens: int = 32
-    min_anchors: int = 2
-    tau: float = 1.0
     anchors: list[Anchor] = field(default_factory=list)
     _clock: int = 0
 

@@ -22,21 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvjudge.cache.anchors import Anchor, AnchorPool, apply, to_frame0
+from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, to_frame0
 from kvjudge.cache.encoder import segment_key
 from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, register
 
 
 @register("kvcomm")
 @dataclass
-class KVCOMM:
-    gamma: float = 0.3
-    max_anchors: int = 20
-    window: int = 5
-    top_p: float = 0.9
-    probe_tokens: int = 32
-    min_anchors: int = 2
-    tau: float = 1.0
+class KVCOMM(AnchorConfig):
     pool_by: str = "source"
     pools: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -47,10 +40,7 @@ class KVCOMM:
     def pool(self, case: JudgeCase, slot: int) -> AnchorPool:
         key = {"source": lambda: case.sources[slot], "slot": lambda: slot, "shared": lambda: None}[self.pool_by]()
         if key not in self.pools:
-            self.pools[key] = AnchorPool(
-                gamma=self.gamma, max_anchors=self.max_anchors, window=self.window, top_p=self.top_p,
-                probe_tokens=self.probe_tokens, min_anchors=self.min_anchors, tau=self.tau,
-            )
+            self.pools[key] = AnchorPool(**vars(self.anchor_config()))
         return self.pools[key]
 
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
