@@ -68,3 +68,17 @@ def test_bench_judge_json(capsys):
         assert row["median_ms"] > 0
         assert row["ratio_to_dense"] == pytest.approx(row["median_ms"] / rows["dense"]["median_ms"])
     assert rows["naive"]["reuse_rate"] == 1.0 and rows["dense"]["reuse_rate"] == 0.0
+
+
+def test_validate_ok_and_bad_yaml(capsys, tmp_path):
+    code, out, _ = _run(capsys, "validate", "debate")
+    assert code == 0 and "debate: ok" in out and "rounds 2" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agents:\n  a: {role: r, prompt: 'x {problem}', temprature: 0.1}\nedges: []\njudge: {method: naive}\n")
+    proc = subprocess.run([sys.executable, "-m", "kvjudge.app.cli", "validate", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{bad}:2: agents.a.temprature" in lines[0] and "did you mean 'temperature'" in lines[0]
+    code, _, err = _run(capsys, "run", "no-such-topology", "--model", "tiny-llama")
+    assert code == 2 and "no-such-topology" in err and len(err.strip().splitlines()) == 1
