@@ -21,7 +21,7 @@ ZERO_COPY = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
 
 
-class RunError(RuntimeError):
+class RunError(ValueError):
     """A run that cannot go on (a model that does not load, an unplaceable actor); one line."""
 
 
@@ -69,7 +69,7 @@ class PlainReporter:
 
 def load_problems(spec: str, limit: int | None = None) -> list[dict]:
     """``humaneval`` / ``gsm8k`` / ``mmlu`` (packaged data) or a JSONL file of ``{"id", "prompt"}`` lines."""
-    from kvjudge.experiments.data import DATASETS, load_dataset
+    from kvjudge.experiments.data import DATASETS, iter_jsonl, load_dataset
 
     if spec.lower() in DATASETS or spec.lower() in ("human-eval", "human_eval"):
         problems = load_dataset(spec, limit=limit)
@@ -78,13 +78,7 @@ def load_problems(spec: str, limit: int | None = None) -> list[dict]:
         if not path.is_file():
             raise RunError(f"--problems {spec!r}: neither a dataset ({', '.join(DATASETS)}) nor a JSONL file")
         problems = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        for n, item in iter_jsonl(path):
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
                 raise RunError(f"{path}:{n}: each line needs an \"id\" and a string \"prompt\"")
             problems.append({**item, "id": str(item["id"])})

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 
 __all__ = [
@@ -68,21 +69,28 @@ def package_data_path(name: str) -> str:
     return path
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` for each non-blank line of a JSONL (or ``.jsonl.gz``) file.
+
+    A missing file or a line that is not JSON raises a one-line :class:`DataError` naming it.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
-    rows = []
     with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-    return rows
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _limit(rows: list[dict], limit: int | None) -> list[dict]:

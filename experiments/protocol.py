@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvjudge.experiments import metrics as M
+from kvjudge.experiments.data import iter_jsonl
 
 __all__ = [
     "DEFAULT_METHODS", "DEFAULT_SEEDS", "PAPER_RANDOM_COVERAGE", "EvalConfig", "CandidateSet", "ResultsLog",
@@ -151,13 +152,7 @@ def load_candidates(path: str | Path) -> dict[str, CandidateSet]:
     if not path.is_file():
         raise ValueError(f"--candidates: file not found: {path}")
     out: dict[str, CandidateSet] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    for n, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or "task_id" not in rec:
             raise ValueError(f"{path}:{n}: each line needs a \"task_id\" and a list \"candidates\"")
         cands = rec.get("candidates")

@@ -110,7 +110,7 @@ def test_problem_file_errors(tmp_path):
     with pytest.raises(RunError, match=r"p.jsonl:2: each line needs"):
         load_problems(str(bad))
     bad.write_text("{not json\n")
-    with pytest.raises(RunError, match=r"p.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match=r"p.jsonl:1: not JSON"):
         load_problems(str(bad))
     with pytest.raises(RunError, match="neither a dataset"):
         load_problems(str(tmp_path / "missing.jsonl"))
