@@ -114,3 +114,31 @@ def test_problem_file_errors(tmp_path):
         load_problems(str(bad))
     with pytest.raises(RunError, match="neither a dataset"):
         load_problems(str(tmp_path / "missing.jsonl"))
+
+
+def test_ctrl_c_keeps_finished_problems(tmp_path):
+    """SIGINT after the first problem: exit 130, a one-line note, the finished problem on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    probs = tmp_path / "p.jsonl"
+    probs.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Name {i} colours."}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvjudge.app.cli", "run", "progressive_refinement", "--model", "tiny-llama",
+         "--problems", str(probs), "--out", str(out), "--no-dashboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    results = out / "results.jsonl"
+    deadline = time.time() + 300
+    while not (results.exists() and results.read_text().count("\n") >= 1):
+        assert time.time() < deadline and proc.poll() is None, "no problem finished"
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished problems are in")
+    done = _records(results)
+    assert 1 <= len(done) < 6 and all(r["status"] == "ok" for r in done)
