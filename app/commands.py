@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     topo = load_topology(resolve_topology(args.file))
     problems = load_problems(args.problems, args.limit)
     out = Path(args.out or Path("runs") / topo.name)
-    reporter = _reporter(args.no_dashboard)
+    reporter = choose_reporter(args.no_dashboard)
     try:
         counts = run(topo, problems, out, model=args.model, address=args.address, resume=args.resume,
                      reporter=reporter)
@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] and not counts["done"] else 0
 
 
-def _reporter(no_dashboard: bool):
+def choose_reporter(no_dashboard: bool):
+    """The live dashboard on a terminal, plain progress lines otherwise."""
     from kvjudge.app.runtime import PlainReporter
 
     if no_dashboard or not sys.stdout.isatty():

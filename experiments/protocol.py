@@ -180,6 +180,7 @@ def write_candidates(path: Path, sets: Iterable[CandidateSet]) -> None:
 
 def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, CandidateSet]:
     """Run ``problems`` through the topology on Ray (``OUT/generation``); failed problems are dropped."""
+    from kvjudge.app.commands import choose_reporter
     from kvjudge.app.runtime import PlainReporter, RunError, run
     from kvjudge.topologies import load_topology, resolve_topology
     from kvjudge.topologies.schema import JudgeSpec
@@ -189,7 +190,9 @@ def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, Cand
     topo = topo.model_copy(update={"judge": JudgeSpec(method="dense")})
     gen_dir = cfg.out / "generation"
     try:
-        run(topo, problems, gen_dir, model=cfg.model, resume=cfg.resume, reporter=PlainReporter(stream=sys.stderr))
+        # the live dashboard on a terminal, plain lines on stderr otherwise
+        reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
+        run(topo, problems, gen_dir, model=cfg.model, resume=cfg.resume, reporter=reporter)
     except RunError as exc:
         raise ValueError(f"generation: {exc}") from exc
     sets: dict[str, CandidateSet] = {}
@@ -285,10 +288,12 @@ class _Progress:
             self._bar.start()
             self._task = self._bar.add_task(label, total=total)
 
-    def advance(self, desc: str) -> None:
+    def advance(self, desc: str, log: "ResultsLog | None" = None) -> None:
         self.done += 1
         if not self.enabled:
             return
+        if log is not None:
+            desc = f"{desc} · {running_metrics(log)}"
         if self._bar is not None:
             self._bar.update(self._task, advance=1, description=f"{self.label} {desc}")
             return
@@ -325,6 +330,20 @@ def _record(task_id: str, seed: int, perm: list[int], verdict, passes: list[bool
     if extra:
         rec.update(extra)
     return rec
+
+
+def running_metrics(log: ResultsLog) -> str:
+    """Pass@1 of dense and JCR of each reuse method over the records so far (for the progress line)."""
+    by_method: dict[str, list[dict]] = {}
+    for rec in log.records.values():
+        by_method.setdefault(rec["method"], []).append(rec)
+    parts = []
+    if by_method.get("dense"):
+        parts.append(f"pass@1 {M.pass_at_1([r['passed'] for r in by_method['dense']]):.2f}")
+    for name, recs in sorted(by_method.items()):
+        if name != "dense":
+            parts.append(f"JCR {name} {M.rate([r['consistent'] for r in recs]):.2f}")
+    return "  ".join(parts)
 
 
 def dg_coverage(log: ResultsLog, seed: int, task_ids: Sequence[str]) -> float | None:
@@ -366,7 +385,7 @@ def judge_all(judge, problems: Sequence[dict], sets: dict[str, CandidateSet], pa
                 v = judge.judge(p["prompt"], shown, method=m, sources=sources)
                 log.append(_record(tid, seed, perm, v, passes[tid], log.get((tid, seed, "dense"))))
                 if progress:
-                    progress.advance(f"seed {seed} {tid} {m}")
+                    progress.advance(f"seed {seed} {tid} {m}", log)
         if "random_gate" in methods:
             cov = dg_coverage(log, seed, task_ids) if "dg_jkr" in methods else None
             cov = PAPER_RANDOM_COVERAGE if cov is None else cov
@@ -386,7 +405,7 @@ def judge_all(judge, problems: Sequence[dict], sets: dict[str, CandidateSet], pa
                 log.append(_record(tid, seed, perm, v, passes[tid], log.get((tid, seed, "dense")),
                                    {"coverage_target": cov, "gate_seed": gs}))
                 if progress:
-                    progress.advance(f"seed {seed} {tid} random_gate")
+                    progress.advance(f"seed {seed} {tid} random_gate", log)
     return used
 
 

@@ -224,3 +224,14 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
         assert needle in report, needle
     assert (out / "jcr_vs_coverage.png").stat().st_size > 1000
     assert (out / "latency_ratio.png").stat().st_size > 1000
+
+
+def test_running_metrics_line(tmp_path):
+    from kvjudge.experiments.protocol import ResultsLog, running_metrics
+
+    log = ResultsLog(tmp_path / "results.jsonl")
+    rows = [("t1", "dense", True, True), ("t2", "dense", False, True),
+            ("t1", "naive", True, True), ("t2", "naive", True, False)]
+    for tid, method, passed, consistent in rows:
+        log.append({"task_id": tid, "seed": 42, "method": method, "passed": passed, "consistent": consistent})
+    assert running_metrics(log) == "pass@1 0.50  JCR naive 0.50"
