@@ -62,7 +62,10 @@ class Generator:
         sample = temperature > 0
         if sample:
             torch.manual_seed(seed)
-        eos = tok.eos_token_id
+        # the model's own stop list (e.g. Llama-3: end_of_text, eom, eot), else the tokenizer's EOS
+        eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), None)
         t0 = time.perf_counter()
         out = model.generate(
             input_ids=input_ids,
@@ -73,12 +76,12 @@ class Generator:
             top_p=None,
             top_k=None,
             eos_token_id=eos,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+            pad_token_id=pad,
             return_dict_in_generate=True,
         )
         seconds = time.perf_counter() - t0
         new = out.sequences[0, len(ids):].tolist()
-        if new and eos is not None and new[-1] == eos:
+        while new and new[-1] in stops:
             new = new[:-1]
         text = tok.decode(new, skip_special_tokens=True)
         kv = None

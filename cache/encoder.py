@@ -127,7 +127,8 @@ class KVRunner:
             ctx = self.context(context_ids)
             _, full = self.forward(segment_ids, past=ctx, keep_cache=True)
             self.encode_tokens += len(segment_ids)
-            seg = self._remember(key, full.slice(ctx.length, full.length))
+            part = full.slice(ctx.length, full.length)  # a view of prefix + segment: copy it out
+            seg = self._remember(key, KVSegment(part.keys.clone(), part.values.clone(), part.start, part.token_ids))
         return seg
 
     def put(self, context_ids: Sequence[int], segment: KVSegment) -> str:

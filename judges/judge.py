@@ -35,6 +35,8 @@ class Judge:
         return self._methods[name]
 
     def case(self, problem: str, candidates: Sequence[str], sources: Sequence[str] | None = None) -> JudgeCase:
+        if isinstance(candidates, str) or isinstance(sources, str):
+            raise JudgeInputError("candidates and sources must be lists of strings, not one string")
         prompt = build_prompt(self.lm.tokenizer, problem, list(candidates))
         self.engine.check_length(prompt)
         if sources is None:

@@ -4,9 +4,14 @@ Layout (``#k`` is the 1-based slot number shown to the judge)::
 
     prefix     = [BOS] system + problem + "Candidate #1:\\n"       (chat template: its header too)
     candidate  = the text of the candidate in slot 1
-    glue[k]    = "\\n\\nCandidate #k:\\n"                              for k = 2..N
+    glue[k]    = "\\n\\n" + "Candidate #k:\\n"                         for k = 2..N
     candidate  = the text of the candidate in slot k
     suffix     = "\\n\\n" + instruction (+ chat assistant header) + "Best candidate: #"
+
+The blank line between candidates either starts the next piece (as drawn) or ends each candidate
+piece, whichever makes the pieces tokenize exactly like the whole text for this tokenizer (checked
+once per tokenizer on probe texts; GPT-2 and Llama-3 style pre-tokenizers differ here). Problem and candidate texts are untrusted: special-token strings inside them are
+tokenized as plain text, never as control tokens.
 
 Candidates are encoded once after ``prefix`` (their exact context when they sit in slot 1) and
 the glue pieces once per slot number, so a shuffle of the same candidates encodes nothing new.
@@ -24,6 +29,8 @@ INSTRUCTION = "Which candidate solves the problem best? Reply with the number of
 ANSWER_CUE = "Best candidate: #"
 EMPTY = "(empty answer)"
 _SENTINEL = "\x00KVJUDGE_BODY\x00"
+FIXED_DATE = "01 Jan 2025"
+SEP = "\n\n"
 
 
 class JudgeInputError(ValueError):
@@ -73,8 +80,15 @@ class PromptTemplate:
     bos: tuple[int, ...]
 
 
-def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
+    """Token ids of ``text``; ``untrusted`` text never yields special (control) tokens."""
+    return tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=untrusted)["input_ids"])
+
+
+def clean_candidate(text: str) -> str:
+    """The text without surrounding whitespace: leading spaces would merge with the newline before
+    the candidate in BPE pre-tokenizers and break the piece boundary."""
+    return text.strip() or EMPTY
 
 
 def template_for(tokenizer) -> PromptTemplate:
@@ -85,15 +99,23 @@ def template_for(tokenizer) -> PromptTemplate:
             [{"role": "user", "content": SYSTEM + "\n\n" + _SENTINEL}],
         ):
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception:  # templates that refuse a system turn
+                # a fixed date: templates that print today's date would change every key at midnight
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, date_string=FIXED_DATE
+                )
+                pre, post = text.split(_SENTINEL)
+            except Exception:  # templates that refuse a system turn, or escape the sentinel
                 continue
-            pre, post = text.split(_SENTINEL)
-            return PromptTemplate(pre, post, ())
+            starts_with_bos = bool(tokenizer.bos_token) and pre.startswith(tokenizer.bos_token)
+            return PromptTemplate(pre, post, () if starts_with_bos else _default_bos(tokenizer))
+    return PromptTemplate(SYSTEM + "\n\n", "\n", _default_bos(tokenizer))
+
+
+def _default_bos(tokenizer) -> tuple[int, ...]:
+    """``(bos,)`` when the tokenizer adds BOS to plain text by itself, else ``()``."""
     with_special = tokenizer("x")["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
-    lead = (bos,) if bos is not None and with_special and with_special[0] == bos else ()
-    return PromptTemplate(SYSTEM + "\n\n", "\n", lead)
+    return (bos,) if bos is not None and with_special and with_special[0] == bos else ()
 
 
 @lru_cache(maxsize=64)
@@ -122,9 +144,14 @@ def build_prompt(tokenizer, problem: str, candidates: list[str]) -> JudgePrompt:
         raise JudgeInputError("the problem is empty")
     if not candidates:
         raise JudgeInputError("no candidates to judge: give at least one")
+    return _assemble(tokenizer, problem, list(candidates), _separator_leads(tokenizer))
+
+
+def _assemble(tokenizer, problem: str, candidates: list[str], lead: bool) -> JudgePrompt:
     tpl = template_for(tokenizer)
-    prefix_text = f"{tpl.pre}Problem:\n{problem.strip()}\n\n{header(1)}"
-    suffix_text = f"\n\n{INSTRUCTION}{tpl.post}{ANSWER_CUE}"
+    sep_before, sep_after = (SEP, "") if lead else ("", SEP)
+    body = f"Problem:\n{problem.strip()}\n\n{header(1)}"
+    suffix_text = f"{sep_before}{INSTRUCTION}{tpl.post}{ANSWER_CUE}"
     labels = _labels_for(tokenizer, suffix_text, len(candidates))
     if labels is None:
         top = max_candidates(tokenizer, suffix_text)
@@ -132,14 +159,31 @@ def build_prompt(tokenizer, problem: str, candidates: list[str]) -> JudgePrompt:
             f"too many candidates: {len(candidates)} given, but this tokenizer keeps labels "
             f"1..N single distinct tokens only up to N={top}"
         )
-    texts = [c.strip() or EMPTY for c in candidates]
-    glue_texts = [f"\n\n{header(k)}" for k in range(2, len(texts) + 1)]
-    full = prefix_text + texts[0] + "".join(g + t for g, t in zip(glue_texts, texts[1:])) + suffix_text
+    texts = [clean_candidate(c) + sep_after for c in candidates]
+    glue_texts = [sep_before + header(k) for k in range(2, len(texts) + 1)]
+    full = tpl.pre + body + texts[0] + "".join(g + t for g, t in zip(glue_texts, texts[1:])) + suffix_text
     return JudgePrompt(
-        prefix=tpl.bos + _encode(tokenizer, prefix_text),
-        candidates=tuple(_encode(tokenizer, t) for t in texts),
+        prefix=tpl.bos + _encode(tokenizer, tpl.pre) + _encode(tokenizer, body, untrusted=True),
+        candidates=tuple(_encode(tokenizer, t, untrusted=True) for t in texts),
         glue=tuple(_encode(tokenizer, g) for g in glue_texts),
         suffix=_encode(tokenizer, suffix_text),
         labels=labels,
         text=full,
     )
+
+
+_PROBES = ["def f(x):\n    return x + 1", "The answer is 42.", "```python\nprint(f(1))\n```", "x = [1, 2]\ny = x"]
+
+
+@lru_cache(maxsize=16)
+def _separator_leads(tokenizer) -> bool:
+    """Whether the blank line between candidates starts the next piece (GPT-2 style pre-tokenizers
+    split ``"\\n\\nC"`` as ``"\\n" "\\n" "C"``) or ends the candidate piece (Llama-3 / Qwen2 style
+    ones join punctuation with the newlines after it): whichever makes the pieces tokenize exactly
+    like the whole text on probe candidates. Decided once per tokenizer, so keys stay stable."""
+    for lead in (True, False):
+        probe = _assemble(tokenizer, "Probe problem?", _PROBES, lead)
+        whole = list(template_for(tokenizer).bos) + list(_encode(tokenizer, probe.text))
+        if probe.ids() == whole:
+            return lead
+    return True

@@ -202,3 +202,12 @@ def test_cuda_bf16_path():
         assert v.scores == pytest.approx(dense.scores, abs=5e-2)
         v = judge.judge(PROBLEM, CANDIDATES, method=method)
         assert v.winner == max(range(4), key=v.scores.__getitem__) + 1
+
+
+def test_bad_method_options_and_string_candidates(llama):
+    with pytest.raises(JudgeInputError, match="tau=0.0"):
+        make_method("kvcomm", tau=0.0)
+    with pytest.raises(JudgeInputError, match="window=0"):
+        make_method("pal_kv", window=0)
+    with pytest.raises(JudgeInputError, match="lists of strings"):
+        Judge(llama).judge(PROBLEM, "abc")

@@ -26,4 +26,5 @@ class DGJKR:
         # On agreement the answer is the first method's (reused KV); otherwise dense decides.
         # A second method that already ran dense (e.g. to measure a KVCOMM anchor) left it memoised.
         out = a if agreed else engine.dense(case)[0]
-        return Outcome(out.scores, reused=agreed, decision={"agreed": agreed, self.first: wa, self.second: wb})
+        decision = {"agreed": agreed, self.first: wa, self.second: wb, f"{self.second}_reused": b.reused}
+        return Outcome(out.scores, reused=agreed, decision=decision)

@@ -36,6 +36,15 @@ class KVCOMM(AnchorConfig):
     def __post_init__(self) -> None:
         if self.pool_by not in ("source", "slot", "shared"):
             raise TypeError(f"pool_by must be source, slot or shared, not {self.pool_by!r}")
+        checks = {
+            "tau": self.tau > 0, "window": self.window >= 1, "max_anchors": self.max_anchors >= 1,
+            "top_p": 0 < self.top_p <= 1, "gamma": self.gamma >= 0, "min_anchors": self.min_anchors >= 1,
+            "probe_tokens": self.probe_tokens >= 1,
+        }
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise TypeError(f"out of range: {', '.join(bad)} (need tau>0, window>=1, max_anchors>=1, "
+                            "0<top_p<=1, gamma>=0, min_anchors>=1, probe_tokens>=1)")
 
     def pool(self, case: JudgeCase, slot: int) -> AnchorPool:
         key = {"source": lambda: case.sources[slot], "slot": lambda: slot, "shared": lambda: None}[self.pool_by]()
