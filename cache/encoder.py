@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvjudge.cache.segments import KVSegment, from_cache, to_cache
+from kvjudge.cache.segments import KVSegment, from_cache, rotate_keys, to_cache
 
 
 def segment_key(model_id: str, context_ids: Sequence[int], segment_ids: Sequence[int]) -> str:
@@ -35,6 +35,30 @@ def rotary_inv_freq(model: torch.nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(model).__name__} has no rotary embedding (inv_freq): not a RoPE model")
 
 
+@torch.inference_mode()
+def check_reindexable(model: torch.nn.Module, inv_freq: torch.Tensor) -> None:
+    """Refuse (one line) models whose cached keys cannot be moved by one half-split RoPE rotation:
+    partial or interleaved rotary, per-layer frequencies, sliding-window layers. One token is
+    encoded at positions 0 and 7 and the layer-0 keys compared after rotating the first by 7."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = type(model).__name__
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"{name} uses sliding-window attention: its cache drops tokens, KV reuse is unsupported")
+    dev = next(model.parameters()).device
+    keys = []
+    for pos in (0, 7):
+        out = model(input_ids=torch.tensor([[1]], device=dev), position_ids=torch.tensor([[pos]], device=dev),
+                    use_cache=True)
+        keys.append(out.past_key_values.layers[0].keys[0].float())
+    if keys[0].shape[-1] != 2 * inv_freq.numel():
+        raise ValueError(f"{name} rotates {2 * inv_freq.numel()} of {keys[0].shape[-1]} key dims (partial RoPE): "
+                         "KV re-indexing is unsupported")
+    moved = rotate_keys(keys[0], 7, inv_freq)
+    if not torch.allclose(moved, keys[1], atol=1e-2 * (1 + keys[1].abs().max().item())):
+        raise ValueError(f"{name}: cached keys do not follow half-split RoPE (interleaved rotary?): "
+                         "KV re-indexing is unsupported")
+
+
 class KVRunner:
     """Forward passes with explicit positions over a model, counting passes and memoising segments.
 
@@ -45,6 +69,7 @@ class KVRunner:
         self.model = model
         self.model_id = model_id
         self.inv_freq = rotary_inv_freq(model)
+        check_reindexable(model, self.inv_freq)
         self.forward_calls = 0
         self.forward_tokens = 0
         self.encode_tokens = 0  # the part of forward_tokens spent encoding contexts / segments

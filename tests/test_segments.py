@@ -62,3 +62,16 @@ def test_to_cache_round_trip(llama):
     seg = runner.context(_ids(llama, PREFIX))
     back = from_cache(to_cache(seg, llama.model.config), token_ids=seg.token_ids)
     assert torch.equal(back.keys, seg.keys) and torch.equal(back.values, seg.values)
+
+
+def test_models_whose_keys_cannot_be_reindexed_are_refused(llama):
+    import pytest
+
+    from kvjudge.cache.encoder import check_reindexable, rotary_inv_freq
+
+    inv = rotary_inv_freq(llama.model)
+    check_reindexable(llama.model, inv)  # the real rotation passes
+    with pytest.raises(ValueError, match="do not follow half-split RoPE"):
+        check_reindexable(llama.model, inv * 1.5)  # a rotation that is not the model's
+    with pytest.raises(ValueError, match="partial RoPE"):
+        check_reindexable(llama.model, inv[: inv.numel() // 2])
