@@ -120,6 +120,8 @@ class JudgeEngine:
 
     def pieces(self, case: JudgeCase) -> list[tuple[str, int, KVSegment]]:
         """Prefix KV + every candidate / glue piece encoded after the prefix (cached), placed back to back."""
+        if "pieces" in case.memo:  # DG-JKR's two methods share one placement
+            return list(case.memo["pieces"])
         prompt = case.prompt
         kinds, segs = [], []
         for kind, slot, ids in prompt.pieces()[:-1]:
@@ -127,7 +129,8 @@ class JudgeEngine:
             kinds.append((kind, slot))
             segs.append(seg)
         placed = place(segs, self.runner.inv_freq)
-        return [(kind, slot, seg) for (kind, slot), seg in zip(kinds, placed)]
+        case.memo["pieces"] = [(kind, slot, seg) for (kind, slot), seg in zip(kinds, placed)]
+        return list(case.memo["pieces"])
 
     def score_pieces(self, case: JudgeCase, segs: list[KVSegment]) -> Outcome:
         """Prefill only the suffix against the assembled pieces and score the labels."""
