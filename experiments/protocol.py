@@ -21,12 +21,12 @@ soon as it exists, so ``--resume`` skips triples already there. ``OUT/summary.js
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -132,7 +132,9 @@ def to_original(perm: Sequence[int], winner_slot: int) -> int:
 def gate_seed(seed: int, task_id: str) -> int:
     """The random gate's seed for one (shuffle seed, problem): independent of run order, so a
     resumed run draws exactly what an uninterrupted one would."""
-    return zlib.crc32(f"random_gate:{seed}:{task_id}".encode())
+    # a 64-bit hash: crc32 seeds of near-identical strings gave visibly correlated first draws
+    # (60 of 60 below 0.87 on one run)
+    return int.from_bytes(hashlib.sha256(f"random_gate:{seed}:{task_id}".encode()).digest()[:8], "little")
 
 
 # ---------------------------------------------------------------------------------------------- candidates

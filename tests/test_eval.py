@@ -235,3 +235,14 @@ def test_running_metrics_line(tmp_path):
     for tid, method, passed, consistent in rows:
         log.append({"task_id": tid, "seed": 42, "method": method, "passed": passed, "consistent": consistent})
     assert running_metrics(log) == "pass@1 0.50  JCR naive 0.50"
+
+
+def test_gate_draws_are_uniform_across_problems():
+    """The per-(seed, problem) gate seeds must give independent, uniform first draws."""
+    import random
+
+    from kvjudge.experiments.protocol import gate_seed
+
+    draws = [random.Random(gate_seed(s, f"mmlu/{i}")).random() for s in (42, 123, 456) for i in range(200)]
+    assert 0.82 < sum(d < 0.87 for d in draws) / len(draws) < 0.92
+    assert max(draws) > 0.95 and min(draws) < 0.05
