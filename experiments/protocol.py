@@ -510,6 +510,12 @@ def _load_problems(cfg: EvalConfig) -> list[dict]:
     return problems
 
 
+def _covers(cand_path: Path, problems: list[dict]) -> bool:
+    """Whether ``cand_path`` holds candidates for every problem of this run."""
+    have = load_candidates(cand_path)
+    return all(str(p["id"]) in have for p in problems)
+
+
 def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
     """Run the whole protocol; writes results.jsonl, candidates.jsonl, summary.json, report.md and plots.
 
@@ -538,11 +544,12 @@ def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
         if cfg.candidates.resolve() != cand_path.resolve():
             write_candidates(cand_path, [sets[str(p["id"])] for p in problems])
         source = str(cfg.candidates)
-    elif cfg.resume and cand_path.is_file():
+    elif cfg.resume and cand_path.is_file() and _covers(cand_path, problems):
         sets = load_candidates(cand_path)
         problems = [p for p in problems if str(p["id"]) in sets]
         source = str(cand_path)
     else:
+        # a resumed run with a larger --limit generates only what OUT/generation lacks
         sets = generate_candidates(cfg, problems)
         if not sets:
             raise ValueError(f"generation produced no candidates (see {out / 'generation' / 'results.jsonl'})")

@@ -225,6 +225,18 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
     assert (out / "jcr_vs_coverage.png").stat().st_size > 1000
     assert (out / "latency_ratio.png").stat().st_size > 1000
 
+    # --resume with a larger --limit generates only the new problem and keeps the old candidates
+    gen_before = (out / "generation" / "results.jsonl").read_text().splitlines()
+    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "4", "--seeds", "42", "--out", str(out),
+                 "--resume"])
+    assert code == 0, capsys.readouterr().err
+    gen_after = (out / "generation" / "results.jsonl").read_text().splitlines()
+    assert gen_after[:3] == gen_before[:3] and len(gen_after) == 4
+    again = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    assert again[:3] == cands and len(again) == 4
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4 * len(METHODS)
+    assert json.loads((out / "summary.json").read_text())["config"]["n_problems"] == 4
+
 
 def test_running_metrics_line(tmp_path):
     from kvjudge.experiments.protocol import ResultsLog, running_metrics
