@@ -82,12 +82,6 @@ def apply(seg: KVSegment, dk: torch.Tensor, dv: torch.Tensor, inv_freq: torch.Te
     return KVSegment(keys, values, seg.start, seg.token_ids)
 
 
-def _no_layer0(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    x[0] = 0
-    return x
-
-
 @dataclass
 class AnchorConfig:
     """Hyper-parameters of an anchor pool (KVCOMM's defaults)."""
@@ -141,30 +135,39 @@ class AnchorPool(AnchorConfig):
     def correction(
         self, base_k: torch.Tensor, base_v: torch.Tensor, glue_k: torch.Tensor | None, glue_v: torch.Tensor | None
     ) -> Correction | None:
-        """Estimated deltas for a segment with frame-0 base KV ``[L, H, n, D]`` (None: no usable anchor)."""
+        """Estimated deltas for a segment with frame-0 base KV ``[L, H, n, D]`` (None: no usable anchor).
+
+        Streams over the anchors (one anchor's tensors live at a time, upcast to fp32), so memory stays
+        at a few segments whatever the pool size; anchors may be stored in the model's dtype.
+        """
         n = base_k.shape[2]
         pool = self.usable(n)
         if not pool:
             return None
-        ak = torch.stack([a.base_k[:, :, :n] for a in pool])  # [A, L, H, n, D]
-        av = torch.stack([a.base_v[:, :, :n] for a in pool])
-        wk = self._weights((base_k - ak)[:, 1:].abs().mean(dim=(1, 2, 4)))  # [A, n]
-        wv = self._weights((base_v - av)[:, 1:].abs().mean(dim=(1, 2, 4)))
-        dk = torch.einsum("at,alhtd->lhtd", wk, torch.stack([a.dk[:, :, :n] for a in pool]))
-        dv = torch.einsum("at,alhtd->lhtd", wv, torch.stack([a.dv[:, :, :n] for a in pool]))
-        out = Correction(_no_layer0(dk), _no_layer0(dv))
-        if glue_k is not None:
+        bk, bv = base_k[1:].float(), base_v[1:].float()
+        # per-token distances over layers 1.., heads and channels: [A, n]
+        wk = self._weights(torch.stack([(bk - a.base_k[1:, :, :n].float()).abs().mean(dim=(0, 1, 3)) for a in pool]))
+        wv = self._weights(torch.stack([(bv - a.base_v[1:, :, :n].float()).abs().mean(dim=(0, 1, 3)) for a in pool]))
+        dk, dv = torch.zeros_like(base_k, dtype=torch.float32), torch.zeros_like(base_v, dtype=torch.float32)
+        for a, w_k, w_v in zip(pool, wk, wv):
+            dk[1:].addcmul_(a.dk[1:, :, :n].float(), w_k.view(1, 1, n, 1))
+            dv[1:].addcmul_(a.dv[1:, :, :n].float(), w_v.view(1, 1, n, 1))
+        out = Correction(dk, dv)
+        if glue_k is not None and glue_v is not None:
             m = glue_k.shape[2]
             gpool = [a for a in pool if a.glue_k is not None and a.glue_k.shape[2] >= m]
             if gpool:
-                gk = torch.stack([a.glue_k[:, :, :m] for a in gpool])
-                gv = torch.stack([a.glue_v[:, :, :m] for a in gpool])
-                gwk = self._weights(torch.linalg.vector_norm(glue_k - gk, dim=3))  # [A, L, H, D]
-                gwv = self._weights(torch.linalg.vector_norm(glue_v - gv, dim=3))
-                gdk = torch.stack([a.glue_dk[:, :, :m] for a in gpool])
-                gdv = torch.stack([a.glue_dv[:, :, :m] for a in gpool])
-                out.glue_dk = _no_layer0(torch.einsum("alhd,alhtd->lhtd", gwk, gdk))
-                out.glue_dv = _no_layer0(torch.einsum("alhd,alhtd->lhtd", gwv, gdv))
+                gk, gv = glue_k[1:].float(), glue_v[1:].float()
+                # per-channel distances over the glue's tokens: [A, L-1, H, D]
+                gwk = self._weights(torch.stack([torch.linalg.vector_norm(gk - a.glue_k[1:, :, :m].float(), dim=2)
+                                                 for a in gpool]))
+                gwv = self._weights(torch.stack([torch.linalg.vector_norm(gv - a.glue_v[1:, :, :m].float(), dim=2)
+                                                 for a in gpool]))
+                gdk, gdv = torch.zeros_like(glue_k, dtype=torch.float32), torch.zeros_like(glue_v, dtype=torch.float32)
+                for a, w_k, w_v in zip(gpool, gwk, gwv):
+                    gdk[1:].addcmul_(a.glue_dk[1:, :, :m].float(), w_k.unsqueeze(2))
+                    gdv[1:].addcmul_(a.glue_dv[1:, :, :m].float(), w_v.unsqueeze(2))
+                out.glue_dk, out.glue_dv = gdk, gdv
         return out
 
     def add(self, anchor: Anchor) -> None:

@@ -84,12 +84,13 @@ class KVCOMM(AnchorConfig):
     @staticmethod
     def _measure(case, real, segs, i, slot, bk, bv, glue, inv) -> Anchor:
         seg = segs[i]
+        dt = seg.keys.dtype  # anchors are stored in the model's dtype (bf16 on GPU), used in fp32
         rk, rv = to_frame0(real.slice(seg.start, seg.start + seg.length), inv)
         key = segment_key("anchor", case.prompt.ids(), (slot,))
-        anchor = Anchor(key, slot, bk, bv, rk - bk, rv - bv)
+        anchor = Anchor(key, slot, bk.to(dt), bv.to(dt), (rk - bk).to(dt), (rv - bv).to(dt))
         if glue is not None:
             g = segs[i + 1]
             gk, gv = to_frame0(real.slice(g.start, g.start + g.length), inv)
-            anchor.glue_k, anchor.glue_v = glue
-            anchor.glue_dk, anchor.glue_dv = gk - glue[0], gv - glue[1]
+            anchor.glue_k, anchor.glue_v = glue[0].to(dt), glue[1].to(dt)
+            anchor.glue_dk, anchor.glue_dv = (gk - glue[0]).to(dt), (gv - glue[1]).to(dt)
         return anchor
