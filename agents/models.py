@@ -189,9 +189,28 @@ def _load_checkpoint(spec: str, dev: torch.device, dt: torch.dtype) -> LoadedMod
             "sequence length; KV re-indexing needs a fixed rotation"
         )
     model = model.to(dev).eval()
-    # the id names the weights' config and the tokenizer, not the folder: equal on every node
+    return LoadedModel(model, tokenizer, checkpoint_id(path))
+
+
+def checkpoint_id(path: Path, sample: int = 1 << 16) -> str:
+    """``<folder name>@<hash>`` of the config, the tokenizer and a fingerprint of the weights.
+
+    The id keys shared KV, so it must be equal on every node (no absolute path, no mtime) and differ
+    between two fine-tunes of one base: each weights file contributes its name, size and ``sample``
+    bytes from its start (the safetensors header), middle and end, so hashing a multi-GB checkpoint
+    reads a few hundred KiB. The dtype is left out on purpose: a bf16 judge may reuse KV an fp32 agent
+    computed (the store casts on fetch).
+    """
     digest = hashlib.sha1((path / "config.json").read_bytes())
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (path / name).is_file():
             digest.update((path / name).read_bytes())
-    return LoadedModel(model, tokenizer, f"{path.name}@{digest.hexdigest()[:10]}")
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for w in weights:
+        size = w.stat().st_size
+        digest.update(f"{w.name}:{size}".encode())
+        with w.open("rb") as fh:
+            for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+                fh.seek(at)
+                digest.update(fh.read(sample))
+    return f"{path.name}@{digest.hexdigest()[:10]}"

@@ -65,7 +65,9 @@ class KVRunner:
     ``forward_calls`` counts every model forward; ``encoded_tokens`` counts tokens run through it.
     """
 
-    def __init__(self, model: torch.nn.Module, model_id: str, max_segments: int = 4096) -> None:
+    def __init__(
+        self, model: torch.nn.Module, model_id: str, max_segments: int = 4096, max_bytes: int = 2 << 30
+    ) -> None:
         self.model = model
         self.model_id = model_id
         self.inv_freq = rotary_inv_freq(model)
@@ -73,7 +75,11 @@ class KVRunner:
         self.forward_calls = 0
         self.forward_tokens = 0
         self.encode_tokens = 0  # the part of forward_tokens spent encoding contexts / segments
+        # the memo keeps the most recently used segments within both a count and a byte budget
+        # (a 512-token segment of a 3B model is ~60 MB in bf16)
         self.max_segments = max_segments
+        self.max_bytes = max_bytes
+        self.memo_bytes = 0
         self._memo: OrderedDict[str, KVSegment] = OrderedDict()
         # optional second-level lookup (e.g. the shared KV store): key -> segment or None
         self.fetch: Callable[[str], KVSegment | None] | None = None
@@ -116,10 +122,15 @@ class KVRunner:
         return logprobs, kv
 
     def _remember(self, key: str, seg: KVSegment) -> KVSegment:
+        old = self._memo.pop(key, None)
+        if old is not None:
+            self.memo_bytes -= old.nbytes
         self._memo[key] = seg
-        self._memo.move_to_end(key)
-        while len(self._memo) > self.max_segments:
-            self._memo.popitem(last=False)
+        self.memo_bytes += seg.nbytes
+        # never evict the segment just stored: callers use it right away
+        while len(self._memo) > 1 and (len(self._memo) > self.max_segments or self.memo_bytes > self.max_bytes):
+            _, dropped = self._memo.popitem(last=False)
+            self.memo_bytes -= dropped.nbytes
         return seg
 
     def lookup(self, key: str) -> KVSegment | None:

@@ -75,3 +75,20 @@ def test_models_whose_keys_cannot_be_reindexed_are_refused(llama):
         check_reindexable(llama.model, inv * 1.5)  # a rotation that is not the model's
     with pytest.raises(ValueError, match="partial RoPE"):
         check_reindexable(llama.model, inv[: inv.numel() // 2])
+
+
+def test_memo_keeps_to_its_byte_budget(llama):
+    runner = KVRunner(llama.model, llama.model_id)
+    ctx = _ids(llama, "context ")
+    one = runner.encode(ctx, _ids(llama, "segment number one"))
+    runner.max_bytes = runner.memo_bytes + 2 * one.nbytes  # room for the context and about two segments
+    for text in ("segment number two", "segment number six", "segment number ten"):
+        runner.encode(ctx, _ids(llama, text))
+        assert runner.memo_bytes <= runner.max_bytes
+        assert runner.memo_bytes == sum(s.nbytes for s in runner._memo.values())
+    calls = runner.forward_calls
+    again = runner.encode(ctx, _ids(llama, "segment number ten"))  # most recent: still memoised
+    assert runner.forward_calls == calls
+    again = runner.encode(ctx, _ids(llama, "segment number one"))  # oldest: evicted, encoded anew
+    assert runner.forward_calls > calls
+    torch.testing.assert_close(again.keys, one.keys)
