@@ -60,25 +60,28 @@ class Generator:
         ids = self.prompt_ids(prompt)
         input_ids = torch.tensor([ids], device=self.lm.device)
         sample = temperature > 0
-        if sample:
-            torch.manual_seed(seed)
         # the model's own stop list (e.g. Llama-3: end_of_text, eom, eot), else the tokenizer's EOS
         eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), None)
         t0 = time.perf_counter()
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-        )
+        # sampling draws from a private copy of the RNG seeded by ``seed``: the caller's state is untouched
+        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=sample):
+            if sample:
+                torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                return_dict_in_generate=True,
+            )
         seconds = time.perf_counter() - t0
         new = out.sequences[0, len(ids):].tolist()
         while new and new[-1] in stops:

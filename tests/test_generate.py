@@ -1,0 +1,44 @@
+"""Agent turns: seeded sampling leaves the caller's RNG alone; the agent's KV equals a fresh prefill."""
+
+import torch
+
+from kvjudge.agents.generate import Generator
+from kvjudge.cache.encoder import KVRunner
+from kvjudge.judges.prompt import build_prompt
+
+
+def test_sampling_is_seeded_and_private(llama):
+    gen = Generator(llama)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    a = gen.generate("Write a word.", max_new_tokens=12, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG did not move
+    b = gen.generate("Write a word.", max_new_tokens=12, temperature=1.0, seed=7)
+    others = {tuple(gen.generate("Write a word.", max_new_tokens=12, temperature=1.0, seed=s).token_ids)
+              for s in (8, 9, 10)}
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+    assert others != {tuple(a.token_ids)}  # the seed matters
+
+
+def test_agent_kv_equals_a_dense_prefill(llama):
+    gen = Generator(llama)
+    out = gen.generate("Count to three.", max_new_tokens=10)
+    ids = gen.prompt_ids("Count to three.")
+    assert out.agent_kv is not None and out.agent_kv.start == len(ids)
+    n = out.agent_kv.length
+    _, full = KVRunner(llama.model, "independent").forward(ids + out.token_ids[:n], keep_cache=True)
+    want = full.slice(len(ids), len(ids) + n)
+    torch.testing.assert_close(out.agent_kv.keys, want.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.agent_kv.values, want.values, atol=1e-4, rtol=1e-4)
+
+
+def test_judge_kv_is_the_candidate_after_the_judge_prefix(llama):
+    gen = Generator(llama)
+    key, seg = gen.encode_for_judge("Add 2 and 3.", "5")
+    prompt = build_prompt(llama.tokenizer, "Add 2 and 3.", ["5"])
+    _, full = KVRunner(llama.model, "independent").forward(list(prompt.prefix) + list(prompt.candidates[0]),
+                                                          keep_cache=True)
+    want = full.slice(len(prompt.prefix), full.length)
+    assert seg.start == len(prompt.prefix) and seg.token_ids == tuple(prompt.candidates[0])
+    torch.testing.assert_close(seg.keys, want.keys, atol=1e-4, rtol=1e-4)
+    assert gen.runner.lookup(key) is not None
