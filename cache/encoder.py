@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvjudge.cache.segments import KVSegment, from_cache, rotate_keys, to_cache
+from kvjudge.cache.segments import KVSegment, from_cache, joined_ids, rotate_keys, to_cache
 
 
 def segment_key(model_id: str, context_ids: Sequence[int], segment_ids: Sequence[int]) -> str:
@@ -91,17 +91,19 @@ class KVRunner:
 
     @torch.inference_mode()
     def forward(
-        self, ids: Sequence[int], past: KVSegment | None = None, keep_cache: bool = False
+        self, ids: Sequence[int], past: KVSegment | list[KVSegment] | None = None, keep_cache: bool = False
     ) -> tuple[torch.Tensor, KVSegment | None]:
-        """Run ``ids`` after ``past`` (placed from 0); return next-token log-probs ``[V]`` (fp32) of the
-        last position and, with ``keep_cache``, the KV of past + ids as one segment from position 0."""
-        start = past.length if past is not None else 0
-        if past is not None and past.start != 0:
+        """Run ``ids`` after ``past`` (one segment, or segments placed back to back, from 0); return
+        next-token log-probs ``[V]`` (fp32) of the last position and, with ``keep_cache``, the KV of
+        past + ids as one segment from position 0."""
+        segs = [past] if isinstance(past, KVSegment) else past
+        start = sum(s.length for s in segs) if segs else 0
+        if segs and segs[0].start != 0:
             raise ValueError("past KV must start at position 0")
         dev = self.device
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=dev)
         positions = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
-        cache = to_cache(past, self.model.config) if past is not None else None
+        cache = to_cache(segs, self.model.config) if segs else None
         out = self.model(
             input_ids=input_ids,
             position_ids=positions,
@@ -114,10 +116,11 @@ class KVRunner:
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         kv = None
         if keep_cache:
-            if past is None:
+            if not segs:
                 known = tuple(ids)
             else:
-                known = past.token_ids + tuple(ids) if past.token_ids else ()
+                past_ids = joined_ids(segs)
+                known = past_ids + tuple(ids) if past_ids else ()
             kv = from_cache(out.past_key_values, 0, None, known)
         return logprobs, kv
 

@@ -72,14 +72,19 @@ class KVSegment:
         return KVSegment(self.keys.to(device, dtype), self.values.to(device, dtype), self.start, self.token_ids)
 
 
-def concat(segments: list[KVSegment]) -> KVSegment:
-    """Join segments that are already placed back to back (positions must be contiguous)."""
+def joined_ids(segments: list[KVSegment]) -> tuple[int, ...]:
+    """Token ids of back-to-back ``segments`` (raises unless their positions are contiguous)."""
     pos = segments[0].start
     for seg in segments:
         if seg.start != pos:
             raise ValueError(f"segment placed at {seg.start}, expected {pos}: re-index it first")
         pos += seg.length
-    ids = tuple(t for s in segments for t in s.token_ids) if all(s.token_ids for s in segments) else ()
+    return tuple(t for s in segments for t in s.token_ids) if all(s.token_ids for s in segments) else ()
+
+
+def concat(segments: list[KVSegment]) -> KVSegment:
+    """Join segments that are already placed back to back (positions must be contiguous)."""
+    ids = joined_ids(segments)
     return KVSegment(
         torch.cat([s.keys for s in segments], dim=2),
         torch.cat([s.values for s in segments], dim=2),
@@ -97,13 +102,25 @@ def place(segments: list[KVSegment], inv_freq: torch.Tensor, start: int = 0) -> 
     return out
 
 
-def to_cache(segment: KVSegment, config) -> "transformers.DynamicCache":  # noqa: F821
-    """A transformers ``DynamicCache`` (batch 1) holding ``segment``, which must start at 0."""
+def to_cache(segments: KVSegment | list[KVSegment], config) -> "transformers.DynamicCache":  # noqa: F821
+    """A transformers ``DynamicCache`` (batch 1) holding ``segments`` back to back from position 0.
+
+    A list is joined one layer at a time while the cache copies it in (the cache's layers copy what
+    they are given), so besides ``segments`` only the cache's copy and one layer in flight exist: no
+    whole joined prompt is ever materialised next to them.
+    """
     from transformers import DynamicCache
 
-    if segment.start != 0:
-        raise ValueError(f"a cache must start at position 0, not {segment.start}")
-    data = [(segment.keys[i].unsqueeze(0), segment.values[i].unsqueeze(0)) for i in range(segment.keys.shape[0])]
+    segs = [segments] if isinstance(segments, KVSegment) else list(segments)
+    joined_ids(segs)
+    if segs[0].start != 0:
+        raise ValueError(f"a cache must start at position 0, not {segs[0].start}")
+
+    def layer(name: str, i: int) -> torch.Tensor:
+        parts = [getattr(s, name)[i] for s in segs]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+
+    data = ((layer("keys", i), layer("values", i)) for i in range(segs[0].keys.shape[0]))  # lazy: one layer
     return DynamicCache(ddp_cache_data=data, config=config)
 
 

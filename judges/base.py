@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import torch
 
 from kvjudge.cache.encoder import KVRunner
-from kvjudge.cache.segments import KVSegment, concat, place
+from kvjudge.cache.segments import KVSegment, place
 from kvjudge.judges.prompt import JudgeInputError, JudgePrompt
 
 
@@ -134,5 +134,5 @@ class JudgeEngine:
 
     def score_pieces(self, case: JudgeCase, segs: list[KVSegment]) -> Outcome:
         """Prefill only the suffix against the assembled pieces and score the labels."""
-        logprobs, _ = self.runner.forward(case.prompt.suffix, past=concat(segs))
+        logprobs, _ = self.runner.forward(case.prompt.suffix, past=segs)
         return Outcome(self._scores(logprobs, case.prompt), True)

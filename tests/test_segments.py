@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvjudge.cache.encoder import KVRunner
@@ -53,8 +54,15 @@ def test_assembled_cache_then_suffix_equals_one_pass(tiny):
     prefix, seg, suffix = _ids(tiny, PREFIX), _ids(tiny, SEGMENT), _ids(tiny, "\nAnswer: #")
     pieces = place([runner.context(prefix), runner.encode(prefix, seg)], runner.inv_freq)
     logp, _ = runner.forward(suffix, past=concat(pieces))
-    full, _ = runner.forward(prefix + seg + suffix)
+    full, kv = runner.forward(prefix + seg + suffix, keep_cache=True)
     assert torch.allclose(logp, full, atol=1e-4)
+    # the same segments passed as a list are joined layer by layer inside the cache
+    listed, kv_listed = runner.forward(suffix, past=pieces, keep_cache=True)
+    assert torch.equal(listed, logp)
+    assert kv_listed.token_ids == tuple(prefix + seg + suffix) == kv.token_ids
+    torch.testing.assert_close(kv_listed.keys, kv.keys, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="re-index"):
+        runner.forward(suffix, past=[pieces[0], pieces[0]])
 
 
 def test_to_cache_round_trip(llama):
