@@ -66,7 +66,7 @@ class Generator:
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), None)
         t0 = time.perf_counter()
         # sampling draws from a private copy of the RNG seeded by ``seed``: the caller's state is untouched
-        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices, enabled=sample):
             if sample:
                 torch.manual_seed(seed)

@@ -192,14 +192,15 @@ def _load_checkpoint(spec: str, dev: torch.device, dt: torch.dtype) -> LoadedMod
     return LoadedModel(model, tokenizer, checkpoint_id(path))
 
 
-def checkpoint_id(path: Path, sample: int = 1 << 16) -> str:
+def checkpoint_id(path: Path, sample: int = 4096) -> str:
     """``<folder name>@<hash>`` of the config, the tokenizer and a fingerprint of the weights.
 
     The id keys shared KV, so it must be equal on every node (no absolute path, no mtime) and differ
-    between two fine-tunes of one base: each weights file contributes its name, size and ``sample``
-    bytes from its start (the safetensors header), middle and end, so hashing a multi-GB checkpoint
-    reads a few hundred KiB. The dtype is left out on purpose: a bf16 judge may reuse KV an fp32 agent
-    computed (the store casts on fetch).
+    between two fine-tunes of one base. A safetensors file contributes its header (names, dtypes,
+    shapes, offsets) and ``sample`` bytes from the start and the middle of *every* tensor, so any
+    tensor a fine-tune or a merged adapter changes densely changes the id, while hashing a multi-GB
+    checkpoint reads a few MiB; other weight formats are hashed whole. The dtype is left out on
+    purpose: a bf16 judge may reuse KV an fp32 agent computed (the runner casts what it adopts).
     """
     digest = hashlib.sha1((path / "config.json").read_bytes())
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -207,10 +208,32 @@ def checkpoint_id(path: Path, sample: int = 1 << 16) -> str:
             digest.update((path / name).read_bytes())
     weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     for w in weights:
-        size = w.stat().st_size
-        digest.update(f"{w.name}:{size}".encode())
+        digest.update(f"{w.name}:{w.stat().st_size}".encode())
         with w.open("rb") as fh:
-            for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
-                fh.seek(at)
-                digest.update(fh.read(sample))
+            if w.suffix == ".safetensors":
+                _hash_safetensors(fh, digest, sample)
+            else:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
     return f"{path.name}@{digest.hexdigest()[:10]}"
+
+
+def _hash_safetensors(fh, digest, sample: int) -> None:
+    """Header plus a start and a middle sample of each tensor's bytes (layout: u64 header size,
+    JSON header, data; offsets in the header are relative to the data)."""
+    size = int.from_bytes(fh.read(8), "little")
+    raw = fh.read(size)
+    digest.update(raw)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # not readable as safetensors: let the loader say so; hash what is there
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+        return
+    base = 8 + size
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items()
+                   if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v)
+    for begin, end in spans:
+        for at in sorted({begin, max(begin, (begin + end) // 2 - sample // 2)}):
+            fh.seek(base + at)
+            digest.update(fh.read(min(sample, end - at)))

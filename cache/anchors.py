@@ -10,7 +10,7 @@ another slot by rotating it, exactly like the keys themselves.
 The approximation (after Ye et al., "KVCOMM", NeurIPS 2025), for a new segment with base ``K``
 (``n`` tokens, frame 0) and the anchors ``a`` whose segment has at least ``n`` tokens:
 
-* placeholder tokens: ``w[a, t] = softmax_a(-mean_{l,h,d} |K[l,h,t,d] - K_a[l,h,t,d]| / tau)``,
+* placeholder tokens: ``w[a, t] = softmax_a(-mean_{l>=1,h,d} |K[l,h,t,d] - K_a[l,h,t,d]| / tau)``,
   ``dK[t] = sum_a w[a, t] dK_a[t]`` (first ``n`` tokens of each anchor); values likewise with
   V-based distances;
 * following glue (``m`` tokens): ``w[a, l, h, d] = softmax_a(-||G[l,h,:,d] - G_a[l,h,:m,d]||_2 / tau)``

@@ -74,6 +74,8 @@ class KVSegment:
 
 def joined_ids(segments: list[KVSegment]) -> tuple[int, ...]:
     """Token ids of back-to-back ``segments`` (raises unless their positions are contiguous)."""
+    if not segments:
+        raise ValueError("no segments to join")
     pos = segments[0].start
     for seg in segments:
         if seg.start != pos:

@@ -181,7 +181,8 @@ def write_candidates(path: Path, sets: Iterable[CandidateSet]) -> None:
 
 
 def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, CandidateSet]:
-    """Run ``problems`` through the topology on Ray (``OUT/generation``); failed problems are dropped."""
+    """Run ``problems`` through the topology on Ray (``OUT/generation``, resumable); returns the sets of
+    every problem of ``problems`` generated there (now or by an earlier run); failed ones are dropped."""
     from kvjudge.app.commands import choose_reporter
     from kvjudge.app.runtime import PlainReporter, RunError, run
     from kvjudge.topologies import load_topology, resolve_topology
@@ -197,19 +198,33 @@ def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, Cand
         run(topo, problems, gen_dir, model=cfg.model, resume=cfg.resume, reporter=reporter)
     except RunError as exc:
         raise ValueError(f"generation: {exc}") from exc
-    sets: dict[str, CandidateSet] = {}
-    for line in (gen_dir / "results.jsonl").read_text(encoding="utf-8").splitlines():
+    sets = generated_sets(gen_dir)
+    return {str(p["id"]): sets[str(p["id"])] for p in problems if str(p["id"]) in sets}
+
+
+def _generation_records(gen_dir: Path) -> list[dict]:
+    path = gen_dir / "results.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash
             continue
+    return out
+
+
+def generated_sets(gen_dir: Path) -> dict[str, CandidateSet]:
+    """Candidate sets of the problems a generation run in ``gen_dir`` finished ("ok" records)."""
+    sets: dict[str, CandidateSet] = {}
+    for rec in _generation_records(gen_dir):
         if rec.get("status") != "ok":
             continue
         cands = rec["candidates"]
         sets[str(rec["id"])] = CandidateSet(str(rec["id"]), [c["text"] for c in cands],
                                             [str(c.get("agent", f"candidate-{i + 1}")) for i, c in enumerate(cands)])
-    wanted = [str(p["id"]) for p in problems]
-    return {t: sets[t] for t in wanted if t in sets}
+    return sets
 
 
 # ---------------------------------------------------------------------------------------------- grading
@@ -510,12 +525,6 @@ def _load_problems(cfg: EvalConfig) -> list[dict]:
     return problems
 
 
-def _covers(cand_path: Path, problems: list[dict]) -> bool:
-    """Whether ``cand_path`` holds candidates for every problem of this run."""
-    have = load_candidates(cand_path)
-    return all(str(p["id"]) in have for p in problems)
-
-
 def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
     """Run the whole protocol; writes results.jsonl, candidates.jsonl, summary.json, report.md and plots.
 
@@ -544,19 +553,26 @@ def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
         if cfg.candidates.resolve() != cand_path.resolve():
             write_candidates(cand_path, [sets[str(p["id"])] for p in problems])
         source = str(cfg.candidates)
-    elif cfg.resume and cand_path.is_file() and _covers(cand_path, problems):
-        sets = load_candidates(cand_path)
-        problems = [p for p in problems if str(p["id"]) in sets]
-        source = str(cand_path)
     else:
-        # a resumed run with a larger --limit generates only what OUT/generation lacks
-        sets = generate_candidates(cfg, problems)
-        if not sets:
-            raise ValueError(f"generation produced no candidates (see {out / 'generation' / 'results.jsonl'})")
+        # A resumed run keeps every candidate set it has (judged verdicts refer to them) and generates
+        # only problems never tried: those a larger --limit adds. Problems whose generation failed
+        # are not retried (start a new --out for that).
+        gen_dir = out / "generation"
+        have = load_candidates(cand_path) if cfg.resume and cand_path.is_file() else {}
+        tried = {str(r.get("id")) for r in _generation_records(gen_dir)} if cfg.resume else set()
+        todo = [p for p in problems if str(p["id"]) not in have and str(p["id"]) not in tried]
+        if todo:
+            generate_candidates(cfg, todo)
+            timings["generation_s"] = time.perf_counter() - t0
+        sets = {**generated_sets(gen_dir), **have}
+        if not any(str(p["id"]) in sets for p in problems):
+            raise ValueError(f"generation produced no candidates (see {gen_dir / 'results.jsonl'})")
+        failed = sum(str(p["id"]) not in sets for p in problems)
+        if failed and progress:
+            print(f"{failed} problem(s) without candidates (generation failed) are left out", file=sys.stderr)
         problems = [p for p in problems if str(p["id"]) in sets]
         write_candidates(cand_path, [sets[str(p["id"])] for p in problems])
-        source = f"generated with {cfg.topology}"
-        timings["generation_s"] = time.perf_counter() - t0
+        source = f"generated with {cfg.topology}" if todo or not have else str(cand_path)
 
     t0 = time.perf_counter()
     passes = grade_candidates(cfg.dataset, problems, sets)

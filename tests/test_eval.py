@@ -175,6 +175,42 @@ def test_resume_skips_done_triples(summary, synthetic):
     assert again["methods"]["dense"]["n"] == 12
 
 
+def test_resume_generates_only_untried_problems(synthetic, monkeypatch):
+    """Kept sets win, failed problems are not retried, only new problems reach generation."""
+    import kvjudge.experiments.protocol as protocol
+
+    root, data, _ = synthetic
+    out = root / "gen-resume"
+    (out / "generation").mkdir(parents=True)
+    texts = [f"The answer is {x}." for x in (5, 6, 7, 8)]
+    rec = lambda i, status: {"id": f"gsm8k/{i}", "status": status,  # noqa: E731
+                             "candidates": [{"text": t, "agent": f"a{j}"} for j, t in enumerate(texts)]}
+    # problem 0 judged before (in candidates.jsonl), 1 generated but not yet written there, 2 failed
+    (out / "generation" / "results.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in (rec(0, "ok"), rec(1, "ok"), rec(2, "error"))))
+    kept = CandidateSet("gsm8k/0", ["kept 1", "kept 2", "kept 3", "kept 4"], ["a1", "a2", "a3", "a4"])
+    protocol.write_candidates(out / "candidates.jsonl", [kept])
+    asked = []
+
+    def fake_generation(cfg, problems):
+        asked.append([p["id"] for p in problems])
+        with (cfg.out / "generation" / "results.jsonl").open("a") as fh:
+            for p in problems:
+                fh.write(json.dumps(rec(p["id"].split("/")[1], "ok")) + "\n")
+
+    monkeypatch.setattr(protocol, "generate_candidates", fake_generation)
+    cfg = EvalConfig(dataset="gsm8k", out=out, model="tiny-llama", methods="dense,naive", seeds="42",
+                     data=str(data), resume=True, limit=4)
+    result = evaluate(cfg, progress=False)
+    assert asked == [["gsm8k/3"]]  # only the never-tried problem
+    sets = load_candidates(out / "candidates.jsonl")
+    assert list(sets) == ["gsm8k/0", "gsm8k/1", "gsm8k/3"]  # the failed one is left out
+    assert sets["gsm8k/0"].candidates == kept.candidates  # what was judged before is kept
+    assert result["config"]["n_problems"] == 3
+    evaluate(cfg, progress=False)  # resuming again generates nothing
+    assert asked == [["gsm8k/3"]]
+
+
 def test_parse_flags():
     assert parse_methods("naive,dg_jkr,naive") == ["dense", "naive", "dg_jkr"]
     assert parse_seeds("42, 123") == [42, 123]

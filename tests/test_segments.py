@@ -89,7 +89,7 @@ def test_memo_keeps_to_its_byte_budget(llama):
     runner = KVRunner(llama.model, llama.model_id)
     ctx = _ids(llama, "context ")
     one = runner.encode(ctx, _ids(llama, "segment number one"))
-    runner.max_bytes = runner.memo_bytes + 2 * one.nbytes  # room for the context and about two segments
+    runner.max_bytes = runner.memo_bytes + 2 * one.nbytes  # the context, `one` and two more segments
     for text in ("segment number two", "segment number six", "segment number ten"):
         runner.encode(ctx, _ids(llama, text))
         assert runner.memo_bytes <= runner.max_bytes
