@@ -416,6 +416,9 @@ def judge_all(judge, problems: Sequence[dict], sets: dict[str, CandidateSet], pa
                 shown = [cs.candidates[i] for i in perm]
                 sources = [cs.sources[i] for i in perm]
                 judge.prefetch(p["prompt"], shown)
+                if not warmed:  # a resumed run that only judges the gate
+                    judge.judge(p["prompt"], shown, method="dense", sources=sources)
+                    warmed = True
                 gs = gate_seed(seed, tid)
                 judge.method("random_gate", coverage=cov, seed=gs)
                 v = judge.judge(p["prompt"], shown, method="random_gate", sources=sources)
