@@ -581,6 +581,8 @@ def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
     passes = grade_candidates(cfg.dataset, problems, sets)
     timings["grading_s"] = time.perf_counter() - t0
 
+    import torch
+
     from kvjudge.agents.models import load_model
     from kvjudge.judges.judge import Judge
     from kvjudge.judges.prompt import JudgeInputError
@@ -619,6 +621,7 @@ def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
     summary["config"] = {
         "dataset": cfg.dataset, "topology": cfg.topology, "model": cfg.model, "model_id": lm.model_id,
         "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),  # latencies on a CPU depend on it
         "methods": list(cfg.methods), "seeds": list(cfg.seeds), "limit": cfg.limit,
         "n_problems": len(task_ids), "n_candidates": sorted({len(sets[t].candidates) for t in task_ids}),
         "candidates": source, "data": cfg.data,
