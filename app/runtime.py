@@ -96,19 +96,21 @@ class ResultsFile:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def done_ids(self) -> set[str]:
-        """Ids of problems already finished successfully (a torn last line is ignored)."""
+    def records(self) -> list[dict]:
+        """Every record written so far, in order (a line torn by a crash is skipped)."""
         if not self.path.exists():
-            return set()
-        done = set()
+            return []
+        out = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if rec.get("status") == "ok":
-                done.add(str(rec["id"]))
-        return done
+        return out
+
+    def done_ids(self) -> set[str]:
+        """Ids of problems already finished successfully."""
+        return {str(rec["id"]) for rec in self.records() if rec.get("status") == "ok"}
 
     def append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:

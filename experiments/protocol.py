@@ -180,9 +180,9 @@ def write_candidates(path: Path, sets: Iterable[CandidateSet]) -> None:
     tmp.replace(path)
 
 
-def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, CandidateSet]:
-    """Run ``problems`` through the topology on Ray (``OUT/generation``, resumable); returns the sets of
-    every problem of ``problems`` generated there (now or by an earlier run); failed ones are dropped."""
+def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> None:
+    """Run ``problems`` through the topology on Ray, appending to ``OUT/generation/results.jsonl``
+    (resumable); :func:`generated_sets` reads what it produced."""
     from kvjudge.app.commands import choose_reporter
     from kvjudge.app.runtime import PlainReporter, RunError, run
     from kvjudge.topologies import load_topology, resolve_topology
@@ -191,28 +191,18 @@ def generate_candidates(cfg: EvalConfig, problems: list[dict]) -> dict[str, Cand
     topo = load_topology(resolve_topology(cfg.topology))
     # The pipeline's own judge is not what we measure: dense keeps generation cheap.
     topo = topo.model_copy(update={"judge": JudgeSpec(method="dense")})
-    gen_dir = cfg.out / "generation"
     try:
         # the live dashboard on a terminal, plain lines on stderr otherwise
         reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
-        run(topo, problems, gen_dir, model=cfg.model, resume=cfg.resume, reporter=reporter)
+        run(topo, problems, cfg.out / "generation", model=cfg.model, resume=cfg.resume, reporter=reporter)
     except RunError as exc:
         raise ValueError(f"generation: {exc}") from exc
-    sets = generated_sets(gen_dir)
-    return {str(p["id"]): sets[str(p["id"])] for p in problems if str(p["id"]) in sets}
 
 
 def _generation_records(gen_dir: Path) -> list[dict]:
-    path = gen_dir / "results.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-    return out
+    from kvjudge.app.runtime import ResultsFile
+
+    return ResultsFile(gen_dir / "results.jsonl").records()
 
 
 def generated_sets(gen_dir: Path) -> dict[str, CandidateSet]:
