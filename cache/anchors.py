@@ -82,6 +82,16 @@ def apply(seg: KVSegment, dk: torch.Tensor, dv: torch.Tensor, inv_freq: torch.Te
     return KVSegment(keys, values, seg.start, seg.token_ids)
 
 
+def _token_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, T, 1]``: mean |x - y| per token over layers, heads and channels of ``[L, H, T, D]``."""
+    return (x - y).abs().mean(dim=(0, 1, 3), keepdim=True)
+
+
+def _channel_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[L, H, 1, D]``: L2 distance per channel over the tokens of ``[L, H, T, D]``."""
+    return torch.linalg.vector_norm(x - y, dim=2, keepdim=True)
+
+
 @dataclass
 class AnchorConfig:
     """Hyper-parameters of an anchor pool (KVCOMM's defaults)."""
@@ -144,30 +154,25 @@ class AnchorPool(AnchorConfig):
         pool = self.usable(n)
         if not pool:
             return None
-        bk, bv = base_k[1:].float(), base_v[1:].float()
-        # per-token distances over layers 1.., heads and channels: [A, n]
-        wk = self._weights(torch.stack([(bk - a.base_k[1:, :, :n].float()).abs().mean(dim=(0, 1, 3)) for a in pool]))
-        wv = self._weights(torch.stack([(bv - a.base_v[1:, :, :n].float()).abs().mean(dim=(0, 1, 3)) for a in pool]))
-        dk, dv = torch.zeros_like(base_k, dtype=torch.float32), torch.zeros_like(base_v, dtype=torch.float32)
-        for a, w_k, w_v in zip(pool, wk, wv):
-            dk[1:].addcmul_(a.dk[1:, :, :n].float(), w_k.view(1, 1, n, 1))
-            dv[1:].addcmul_(a.dv[1:, :, :n].float(), w_v.view(1, 1, n, 1))
-        out = Correction(dk, dv)
+        out = Correction(self._blend(pool, base_k, "base_k", "dk", _token_distance),
+                         self._blend(pool, base_v, "base_v", "dv", _token_distance))
         if glue_k is not None and glue_v is not None:
-            m = glue_k.shape[2]
-            gpool = [a for a in pool if a.glue_k is not None and a.glue_k.shape[2] >= m]
+            gpool = [a for a in pool if a.glue_k is not None and a.glue_k.shape[2] >= glue_k.shape[2]]
             if gpool:
-                gk, gv = glue_k[1:].float(), glue_v[1:].float()
-                # per-channel distances over the glue's tokens: [A, L-1, H, D]
-                gwk = self._weights(torch.stack([torch.linalg.vector_norm(gk - a.glue_k[1:, :, :m].float(), dim=2)
-                                                 for a in gpool]))
-                gwv = self._weights(torch.stack([torch.linalg.vector_norm(gv - a.glue_v[1:, :, :m].float(), dim=2)
-                                                 for a in gpool]))
-                gdk, gdv = torch.zeros_like(glue_k, dtype=torch.float32), torch.zeros_like(glue_v, dtype=torch.float32)
-                for a, w_k, w_v in zip(gpool, gwk, gwv):
-                    gdk[1:].addcmul_(a.glue_dk[1:, :, :m].float(), w_k.unsqueeze(2))
-                    gdv[1:].addcmul_(a.glue_dv[1:, :, :m].float(), w_v.unsqueeze(2))
-                out.glue_dk, out.glue_dv = gdk, gdv
+                out.glue_dk = self._blend(gpool, glue_k, "glue_k", "glue_dk", _channel_distance)
+                out.glue_dv = self._blend(gpool, glue_v, "glue_v", "glue_dv", _channel_distance)
+        return out
+
+    def _blend(self, pool: list[Anchor], base: torch.Tensor, stored: str, delta: str, dist) -> torch.Tensor:
+        """``sum_a softmax_a(-dist(base, a.stored) / tau) * a.delta`` over the first ``T`` tokens of each
+        anchor, layers 1.. only (layer 0 stays zero); fp32 ``[L, H, T, D]`` for ``base`` ``[L, H, T, D]``.
+        One anchor is upcast at a time."""
+        t = base.shape[2]
+        b = base[1:].float()
+        w = self._weights(torch.stack([dist(b, getattr(a, stored)[1:, :, :t].float()) for a in pool]))
+        out = torch.zeros_like(base, dtype=torch.float32)
+        for a, wa in zip(pool, w):
+            out[1:].addcmul_(getattr(a, delta)[1:, :, :t].float(), wa)
         return out
 
     def add(self, anchor: Anchor) -> None:
