@@ -97,10 +97,15 @@ def _encode(tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
 _ANCHOR = "\n"
 
 
+@lru_cache(maxsize=16)
+def _anchor_ids(tokenizer) -> tuple[int, ...]:
+    return _encode(tokenizer, _ANCHOR)
+
+
 def _encode_inside(tokenizer, text: str, untrusted: bool = False) -> tuple[int, ...]:
     """Token ids of ``text`` as it tokenizes after a newline inside a longer text (no word-boundary
     marker of its own); the plain ids when the newline's tokens are not a prefix of the result."""
-    anchor = _encode(tokenizer, _ANCHOR)
+    anchor = _anchor_ids(tokenizer)
     ids = _encode(tokenizer, _ANCHOR + text, untrusted)
     return ids[len(anchor):] if ids[: len(anchor)] == anchor else _encode(tokenizer, text, untrusted)
 
