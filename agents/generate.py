@@ -1,12 +1,9 @@
 """Answer generation for one agent turn, with the KV of what it wrote (pure torch, no Ray).
 
-Two KV segments come out of a turn:
-
-* ``agent_kv``: the answer tokens as the agent itself produced them, sliced out of its own cache
-  (keys rotated for positions ``len(prompt)..``). Free, but computed under the agent's prompt.
-* ``judge_kv`` (via :meth:`Generator.encode_for_judge`): the answer encoded after the judge's
-  prompt prefix for this problem, which is what reuse methods consume. One extra prefill, done
-  where the model already is, so the judge only re-indexes it.
+A turn yields the answer and ``agent_kv``: the answer tokens as the agent itself produced them,
+sliced out of its own cache (keys rotated for positions ``len(prompt)..``), computed under the
+agent's own prompt. :meth:`Generator.encode` is the generic other half: KV of given token ids
+encoded after given context ids (the caller decides what, e.g. a judge's prompt prefix).
 """
 
 from __future__ import annotations
@@ -16,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvjudge.agents.models import LoadedModel
-from kvjudge.cache.encoder import KVRunner, segment_key
+from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import KVSegment, from_cache
-from kvjudge.judges.prompt import build_prompt
+from kvjudge.models import LoadedModel
 
 
 @dataclass
@@ -38,7 +34,7 @@ class Generation:
 
 
 class Generator:
-    """Generates answers with a KV cache and encodes them for the judge."""
+    """Generates answers with a KV cache and encodes token ids after a context."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
@@ -96,11 +92,6 @@ class Generator:
                 kv = from_cache(cache, len(ids), len(ids) + kept, tuple(new[:kept]))
         return Generation(text.strip(), new, len(ids), seconds, kv)
 
-    def encode_for_judge(self, problem: str, answer: str) -> tuple[str, KVSegment]:
-        """KV of ``answer`` as a judge candidate: encoded after the judge prompt prefix of ``problem``.
-
-        Returns ``(store key, segment)``; the key is what the judge's runner looks up.
-        """
-        prompt = build_prompt(self.lm.tokenizer, problem, [answer])
-        seg = self.runner.encode(prompt.prefix, prompt.candidates[0])
-        return segment_key(self.lm.model_id, prompt.prefix, prompt.candidates[0]), seg
+    def encode(self, context_ids: list[int], ids: list[int]) -> KVSegment:
+        """KV ``[L, H, len(ids), D]`` of ``ids`` encoded right after ``context_ids`` (memoised)."""
+        return self.runner.encode(context_ids, ids)

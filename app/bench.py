@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import statistics
 
-from kvjudge.agents.models import load_model
-from kvjudge.judges.base import make_method
+from kvjudge.models import load_model
+from kvjudge.judges.methods import make_method
 from kvjudge.judges.judge import Judge
 
 _WORDS = (

@@ -43,7 +43,7 @@ def _add_model(p: argparse.ArgumentParser, default: str = "tiny-llama") -> None:
 
 
 def build_parser() -> Parser:
-    from kvjudge.judges.base import known_methods
+    from kvjudge.judges.methods import known_methods
 
     methods = known_methods()
     root = Parser(prog="kvjudge", description="Multi-agent LLM pipelines with a KV-reusing judge.")
@@ -75,8 +75,8 @@ def build_parser() -> Parser:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from kvjudge.agents.models import load_model
-    from kvjudge.judges.base import make_method
+    from kvjudge.models import load_model
+    from kvjudge.judges.methods import make_method
     from kvjudge.judges.judge import Judge
     from kvjudge.judges.prompt import JudgeInputError
 

@@ -215,6 +215,16 @@ class Orchestrator:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
 
+    def _publish(self, agent: str, problem: str, answer: str) -> str | None:
+        """Ask the judge what KV it will look up for ``answer`` and have the agent's actor encode it."""
+        import ray
+
+        req = ray.get(self.judge.candidate_kv_request.remote(problem, answer))
+        meta = {"agent": agent, "kind": "judge-candidate"}
+        actor = self.agents[self.specs[agent].model]
+        ok = ray.get(actor.encode.remote(req["context_ids"], req["ids"], req["key"], meta))
+        return req["key"] if ok else None
+
     # ---------------------------------------------------------------- one problem
     def run_problem(self, problem: dict) -> dict:
         """Agents then judge for one problem; a failure becomes a ``status: failed`` record."""
@@ -229,7 +239,7 @@ class Orchestrator:
                 previous_round = dict(answers)
                 answers = {} if rnd else answers
                 for gen in self.order:
-                    refs = {}
+                    refs, publish = {}, {}
                     for agent in gen:
                         spec = self.specs[agent]
                         prev = [(p, answers[p]["text"]) for p in self.topology.predecessors(agent) if p in answers]
@@ -238,10 +248,11 @@ class Orchestrator:
                         prompt = spec.prompt.format(problem=text, previous=_join(prev))
                         final = rnd == rounds - 1
                         request = {
-                            "agent": agent, "prompt": prompt, "problem": text,
+                            "agent": agent, "prompt": prompt,
                             "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
-                            "seed": spec.seed + rnd, "publish": final and spec.model == self.judge_model,
+                            "seed": spec.seed + rnd,
                         }
+                        publish[agent] = final and spec.model == self.judge_model
                         self.reporter.agent(agent, "generating", round=rnd + 1)
                         refs[agent] = self.agents[spec.model].generate.remote(request)
                     for agent, ref in refs.items():
@@ -251,6 +262,8 @@ class Orchestrator:
                             self.reporter.agent(agent, "failed")
                             raise
                         r = answers[agent]
+                        if publish.get(agent):
+                            r["store_key"] = self._publish(agent, text, r["text"])
                         self.reporter.agent(agent, "done", tokens=r["tokens"], tokens_per_s=r["tokens_per_s"])
             agents = list(self.topology.agents)
             candidates = [answers[a]["text"] for a in agents]

@@ -170,12 +170,6 @@ class KVRunner:
             seg = self._remember(key, KVSegment(part.keys.clone(), part.values.clone(), part.start, part.token_ids))
         return seg
 
-    def put(self, context_ids: Sequence[int], segment: KVSegment) -> str:
-        """Adopt a segment encoded elsewhere (e.g. fetched from the KV store) after ``context_ids``."""
-        key = segment_key(self.model_id, context_ids, segment.token_ids)
-        self._remember(key, self._adopt(segment, len(context_ids)))
-        return key
-
     def _adopt(self, segment: KVSegment, start: int) -> KVSegment:
         segment = segment.to(self.device, next(self.model.parameters()).dtype)
         return segment.moved_to(start, self.inv_freq)

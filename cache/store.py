@@ -5,9 +5,8 @@ Keys are strings, normally :func:`kvjudge.cache.encoder.segment_key`. Values are
 ``bytes_used <= budget_bytes`` holds after every call: a put evicts (by the chosen policy) until
 the new item fits, and an item larger than the whole budget is refused.
 
-:class:`LocalStoreHandle` exposes the same method names as the Ray actor in
-:mod:`kvjudge.cache.store_actor`, and :func:`call` invokes a method on either kind of handle,
-so callers need not care whether a store is local or remote.
+:mod:`kvjudge.cache.store_actor` runs this very class as a Ray actor, and :func:`call` invokes a
+method on either a local :class:`KVStore` or the actor's handle, so callers need not care which.
 """
 
 from __future__ import annotations
@@ -135,37 +134,6 @@ class KVStore:
         self._bytes -= item[1]
         self._policy.remove(key)
         return True
-
-
-class LocalStoreHandle:
-    """A synchronous stand-in for the store actor's handle (no Ray): the same method names."""
-
-    def __init__(self, budget_bytes: int, eviction: str = "lru", store: KVStore | None = None) -> None:
-        self.store = store if store is not None else KVStore(budget_bytes, eviction)
-
-    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
-        return self.store.put(key, segment, meta)
-
-    def get(self, key: str) -> Any | None:
-        return self.store.get(key)
-
-    def get_many(self, keys: list[str]) -> list[Any | None]:
-        return self.store.get_many(keys)
-
-    def contains(self, key: str) -> bool:
-        return self.store.contains(key)
-
-    def meta(self, key: str) -> dict | None:
-        return self.store.meta(key)
-
-    def delete(self, key: str) -> bool:
-        return self.store.delete(key)
-
-    def keys(self) -> list[str]:
-        return self.store.keys()
-
-    def stats(self) -> dict[str, int]:
-        return self.store.stats()
 
 
 def call(handle: Any, method: str, *args: Any) -> Any:

@@ -34,7 +34,7 @@ from typing import Any
 
 import ray
 
-from kvjudge.cache.store import KVStore, LocalStoreHandle, call, to_host
+from kvjudge.cache.store import KVStore, call, to_host
 
 DEFAULT_STORE_NAME = "kvjudge-store"
 
@@ -43,39 +43,8 @@ DEFAULT_STORE_NAME = "kvjudge-store"
 _PINNED: dict[tuple[str | None, str], Any] = {}
 
 
-class _KVStoreActorImpl:
-    """The actor body: a :class:`KVStore` behind remote methods (one call at a time)."""
-
-    def __init__(self, budget_bytes: int, eviction: str = "lru") -> None:
-        self._store = KVStore(budget_bytes, eviction)
-
-    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
-        return self._store.put(key, segment, meta)
-
-    def get(self, key: str) -> Any | None:
-        return self._store.get(key)
-
-    def get_many(self, keys: list[str]) -> list[Any | None]:
-        return self._store.get_many(keys)
-
-    def contains(self, key: str) -> bool:
-        return self._store.contains(key)
-
-    def meta(self, key: str) -> dict | None:
-        return self._store.meta(key)
-
-    def delete(self, key: str) -> bool:
-        return self._store.delete(key)
-
-    def keys(self) -> list[str]:
-        return self._store.keys()
-
-    def stats(self) -> dict[str, int]:
-        return self._store.stats()
-
-
 # num_cpus=0: the store is I/O bound and must not take a CPU slot from agents on small machines.
-KVStoreActor = ray.remote(num_cpus=0, max_restarts=0)(_KVStoreActorImpl)
+KVStoreActor = ray.remote(num_cpus=0, max_restarts=0)(KVStore)
 
 
 def _in_driver() -> bool:
@@ -132,7 +101,6 @@ def kill_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> 
 __all__ = [
     "DEFAULT_STORE_NAME",
     "KVStoreActor",
-    "LocalStoreHandle",
     "call",
     "get_or_create_store",
     "get_store",

@@ -76,7 +76,7 @@ class EvalConfig:
 
 def parse_methods(spec: str | Iterable[str]) -> list[str]:
     """``"naive,dg_jkr"`` (or a list) -> known method names, dense first, duplicates dropped."""
-    from kvjudge.judges.base import known_methods
+    from kvjudge.judges.methods import known_methods
 
     names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if str(m).strip()]
     if not names:
@@ -521,7 +521,7 @@ def _load_problems(cfg: EvalConfig) -> list[dict]:
 def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
     """Run the whole protocol; writes results.jsonl, candidates.jsonl, summary.json, report.md and plots.
 
-    ``lm`` (a :class:`~kvjudge.agents.models.LoadedModel`) replaces loading ``cfg.model`` for judging.
+    ``lm`` (a :class:`~kvjudge.models.LoadedModel`) replaces loading ``cfg.model`` for judging.
     """
     t_start = time.perf_counter()
     out = cfg.out
@@ -573,7 +573,7 @@ def evaluate(cfg: EvalConfig, lm=None, progress: bool = True) -> dict:
 
     import torch
 
-    from kvjudge.agents.models import load_model
+    from kvjudge.models import load_model
     from kvjudge.judges.judge import Judge
     from kvjudge.judges.prompt import JudgeInputError
 

@@ -9,42 +9,42 @@ topology (e.g. ``ray start --resources '{"judge": 1}'``) when one is declared.
 from __future__ import annotations
 
 import ray
+import torch
+
+from kvjudge.cache.store import call
+from kvjudge.cache.store_actor import get_store
+from kvjudge.judges.judge import Judge
+from kvjudge.models import load_model
 
 
 class _JudgeActorImpl:
     def __init__(self, model: str, method: str, options: dict, store_name: str | None, namespace: str | None,
                  num_threads: int = 1) -> None:
-        import torch
-
         torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
         try:
-            from kvjudge.agents.models import load_model
-            from kvjudge.judges.judge import Judge
-
             self.judge = Judge(load_model(model), method=method, method_options=options)
         except Exception as exc:
             self.error = " ".join(str(exc).split()) or type(exc).__name__
             return
         self.store = None
         if store_name:
-            from kvjudge.cache.store import call
-            from kvjudge.cache.store_actor import get_store
-
             self.store = get_store(store_name, namespace)
             self.judge.runner.fetch = lambda key: call(self.store, "get", key)
 
     def ready(self) -> dict:
         if self.error:
             return {"error": self.error, "node": ray.util.get_node_ip_address()}
-        import torch
-
         return {
             "model_id": self.judge.lm.model_id,
             "node": ray.util.get_node_ip_address(),
             "device": str(self.judge.lm.device),
             "gpus": torch.cuda.device_count(),
         }
+
+    def candidate_kv_request(self, problem: str, answer: str) -> dict:
+        """What an agent should encode so this judge can reuse ``answer``'s KV (see :meth:`Judge.candidate_kv_request`)."""
+        return self.judge.candidate_kv_request(problem, answer)
 
     def judge_candidates(self, problem: str, candidates: list[str], sources: list[str], method: str | None = None) -> dict:
         before = self.judge.runner.fetched

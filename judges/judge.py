@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from kvjudge.agents.models import LoadedModel
-from kvjudge.cache.encoder import KVRunner
-from kvjudge.judges.base import JudgeCase, JudgeEngine, JudgeMethod, Verdict, make_method
+from kvjudge.models import LoadedModel
+from kvjudge.cache.encoder import KVRunner, segment_key
+from kvjudge.judges.base import JudgeCase, JudgeMethod, Verdict
+from kvjudge.judges.engine import JudgeEngine
+from kvjudge.judges.methods import make_method
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
 
 
@@ -45,6 +47,13 @@ class Judge:
             raise JudgeInputError(f"{len(sources)} sources for {len(candidates)} candidates")
         return JudgeCase(prompt, tuple(str(s) for s in sources))
 
+    def candidate_kv_request(self, problem: str, answer: str) -> dict:
+        """``{"context_ids", "ids", "key"}``: the KV of ``answer`` this judge looks up for ``problem``
+        (encoded after the judge prompt's prefix, under the store key its runner computes)."""
+        prompt = build_prompt(self.lm.tokenizer, problem, [answer])
+        context, ids = list(prompt.prefix), list(prompt.candidates[0])
+        return {"context_ids": context, "ids": ids, "key": segment_key(self.lm.model_id, context, ids)}
+
     def prefetch(self, problem: str, candidates: Sequence[str]) -> None:
         """Encode the prefix, every candidate and glue piece now (what a pipeline's store provides)."""
         self.engine.pieces(self.case(problem, candidates))
@@ -78,6 +87,7 @@ class Judge:
             prefilled_tokens=runner.forward_tokens - before[0] - encoded,
             encoded_tokens=encoded,
             decision=outcome.decision,
+            gate=outcome.gate,
         )
 
 

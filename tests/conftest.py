@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvjudge.agents.models import LoadedModel, _spec_id, byte_tokenizer, tiny_model
+from kvjudge.models import LoadedModel, byte_tokenizer, tiny_model
+from kvjudge.models.tiny import spec_id
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -25,7 +26,7 @@ TINY = {
 def make_tiny(name: str) -> LoadedModel:
     base = "tiny-llama" if name == "tiny-llama3-scaled" else name
     model = tiny_model(base, **TINY[name]).float()
-    return LoadedModel(model, byte_tokenizer(), _spec_id(name, {}))
+    return LoadedModel(model, byte_tokenizer(), spec_id(name, {}))
 
 
 @pytest.fixture(scope="session", params=list(TINY))

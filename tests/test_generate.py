@@ -4,6 +4,7 @@ import torch
 
 from kvjudge.agents.generate import Generator
 from kvjudge.cache.encoder import KVRunner
+from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import build_prompt
 
 
@@ -32,13 +33,18 @@ def test_agent_kv_equals_a_dense_prefill(llama):
     torch.testing.assert_close(out.agent_kv.values, want.values, atol=1e-4, rtol=1e-4)
 
 
-def test_judge_kv_is_the_candidate_after_the_judge_prefix(llama):
+def test_encode_after_a_judge_request_is_what_the_judge_looks_up(llama):
+    """The agent encodes what the judge asks for; the judge's runner then finds it under the key."""
     gen = Generator(llama)
-    key, seg = gen.encode_for_judge("Add 2 and 3.", "5")
+    judge = Judge(llama)
+    req = judge.candidate_kv_request("Add 2 and 3.", "5")
+    seg = gen.encode(req["context_ids"], req["ids"])
     prompt = build_prompt(llama.tokenizer, "Add 2 and 3.", ["5"])
     _, full = KVRunner(llama.model, "independent").forward(list(prompt.prefix) + list(prompt.candidates[0]),
                                                           keep_cache=True)
     want = full.slice(len(prompt.prefix), full.length)
     assert seg.start == len(prompt.prefix) and seg.token_ids == tuple(prompt.candidates[0])
     torch.testing.assert_close(seg.keys, want.keys, atol=1e-4, rtol=1e-4)
-    assert gen.runner.lookup(key) is not None
+    judge.runner.fetch = lambda key: seg if key == req["key"] else None
+    judge.prefetch("Add 2 and 3.", ["5"])
+    assert judge.runner.fetched == 1 and judge.runner.encode_tokens == len(prompt.prefix)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kvjudge.judges.base import known_methods, make_method
+from kvjudge.judges.methods import known_methods, make_method
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
 
@@ -191,7 +191,7 @@ def test_prompt_pieces_tokenize_like_the_whole_text(llama):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_bf16_path():
-    from kvjudge.agents.models import load_model
+    from kvjudge.models import load_model
 
     lm = load_model("tiny-llama", device="cuda")
     assert lm.dtype in (torch.bfloat16, torch.float16)

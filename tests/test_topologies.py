@@ -8,7 +8,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from kvjudge.judges.base import known_methods
+from kvjudge.judges.methods import known_methods
 from kvjudge.topologies.loader import (
     build_graph,
     builtin_topology,

@@ -15,6 +15,9 @@ import networkx as nx
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kvjudge.cache.eviction import EVICTION_POLICIES
+from kvjudge.judges.catalog import METHOD_ORDER
+
 from kvjudge.topologies.schema import (
     AGENT_ID_RE,
     TEMPLATE_FIELDS,
@@ -249,8 +252,6 @@ def _hint(word: str, choices) -> str:
 
 
 def _check_semantics(topo: Topology) -> None:
-    from kvjudge.judges.base import known_methods
-
     if not topo.agents:
         raise topo.error(("agents",), "at least one agent is required", got={})
     for agent_id in topo.agents:
@@ -295,7 +296,7 @@ def _check_semantics(topo: Topology) -> None:
                 raise topo.error(where, f"{{previous}} is never filled: agent {agent_id!r} has no incoming "
                                         "edges and rounds is 1", got=field)
 
-    methods = known_methods()
+    methods = list(METHOD_ORDER)
     judge = topo.judge
     if judge.method not in methods:
         raise topo.error(("judge", "method"),
@@ -310,8 +311,6 @@ def _check_semantics(topo: Topology) -> None:
             known = ", ".join(params) if params else "none"
             raise topo.error(("judge", "options", key),
                              f"unknown option for {judge.method!r}{_hint(key, params)}; known: {known}", got=key)
-
-    from kvjudge.cache.eviction import EVICTION_POLICIES
 
     if topo.store.eviction not in EVICTION_POLICIES:
         known = sorted(EVICTION_POLICIES)

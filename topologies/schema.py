@@ -18,7 +18,7 @@ Required keys:
 
 * ``edges``: list of ``{source, target}`` agent ids (may be empty). Endpoints must be declared
   agents; self-loops, duplicate edges and cycles are errors.
-* ``judge``: ``method`` (one of the registered judge methods, ``kvjudge.judges.base.known_methods()``),
+* ``judge``: ``method`` (one of the registered judge methods, ``kvjudge.judges.catalog.METHOD_ORDER``),
   and optional ``coverage`` (float in [0, 1]; ``random_gate`` only), ``seed`` (int) and
   ``options`` (mapping of keyword arguments of the method's config, names checked).
 
@@ -46,6 +46,8 @@ import re
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from kvjudge.judges.catalog import method_options
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATE_FIELDS = ("problem", "previous")
@@ -212,13 +214,5 @@ def lookup_line(lines: dict, path: tuple) -> int | None:
 
 
 def method_params(method: str) -> list[str]:
-    """The init field names of a registered judge method's config dataclass."""
-    import dataclasses
-
-    from kvjudge.judges.base import METHODS, known_methods
-
-    known_methods()
-    cls = METHODS[method]
-    if dataclasses.is_dataclass(cls):
-        return [f.name for f in dataclasses.fields(cls) if f.init]
-    return []
+    """The option names of a registered judge method (its config dataclass's fields)."""
+    return list(method_options(method))

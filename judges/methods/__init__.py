@@ -1,3 +1,47 @@
-"""Judge methods, one per file; importing this package registers them all."""
+"""Judge methods, one per file, and the registry that names them (explicit, as ``cache/eviction``).
 
-from kvjudge.judges.methods import dense, dg_jkr, kvcomm, naive, pal_kv, random_gate  # noqa: F401
+Each method is a dataclass (its options are its fields) whose ``__call__(engine, case)`` returns an
+:class:`~kvjudge.judges.base.Outcome`. Names and option names are also listed, torch-free, in
+:mod:`kvjudge.judges.catalog` (a test keeps the two equal); the catalog's order is the display order.
+"""
+
+from __future__ import annotations
+
+from kvjudge.judges.base import JudgeMethod
+from kvjudge.judges.catalog import METHOD_ORDER
+from kvjudge.judges.methods.dense import Dense
+from kvjudge.judges.methods.dg_jkr import DGJKR
+from kvjudge.judges.methods.kvcomm import KVCOMM
+from kvjudge.judges.methods.naive import Naive
+from kvjudge.judges.methods.pal_kv import PALKV
+from kvjudge.judges.methods.random_gate import RandomGate
+from kvjudge.judges.prompt import JudgeInputError
+
+METHODS: dict[str, type] = {
+    "dense": Dense,
+    "naive": Naive,
+    "kvcomm": KVCOMM,
+    "pal_kv": PALKV,
+    "random_gate": RandomGate,
+    "dg_jkr": DGJKR,
+}
+for _name, _cls in METHODS.items():
+    _cls.name = _name
+
+
+def known_methods() -> list[str]:
+    """Registered method names in display order."""
+    return [m for m in METHOD_ORDER if m in METHODS]
+
+
+def make_method(name: str, **options) -> JudgeMethod:
+    """Instantiate a registered method; unknown names and bad options are one-line errors."""
+    if name not in METHODS:
+        raise JudgeInputError(f"unknown judge method {name!r}; known methods: {', '.join(known_methods())}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as exc:
+        raise JudgeInputError(f"bad options for judge method {name!r}: {exc}") from exc
+
+
+__all__ = ["METHODS", "known_methods", "make_method"]

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, make_method, register
+from kvjudge.judges import methods as registry  # the registry package (attribute read at call time)
+from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.engine import JudgeEngine
 
 
-@register("dg_jkr")
 @dataclass
 class DGJKR:
     first: str = "naive"
     second: str = "kvcomm"
 
     def __post_init__(self) -> None:
-        self._first = make_method(self.first)
-        self._second = make_method(self.second)
+        self._first = registry.make_method(self.first)
+        self._second = registry.make_method(self.second)
 
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
         a = self._first(engine, case)
@@ -27,4 +28,4 @@ class DGJKR:
         # A second method that already ran dense (e.g. to measure a KVCOMM anchor) left it memoised.
         out = a if agreed else engine.dense(case)[0]
         decision = {"agreed": agreed, self.first: wa, self.second: wb, f"{self.second}_reused": b.reused}
-        return Outcome(out.scores, reused=agreed, decision=decision)
+        return Outcome(out.scores, reused=agreed, decision=decision, gate="accepted" if agreed else "fallback")

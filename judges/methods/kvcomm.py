@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, to_frame0
 from kvjudge.cache.encoder import segment_key
-from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, register
+from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.engine import JudgeEngine
 
 
-@register("kvcomm")
 @dataclass
 class KVCOMM(AnchorConfig):
     pool_by: str = "source"

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvjudge.judges.base import JudgeCase, JudgeEngine, Outcome, register
+from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.engine import JudgeEngine
 
 
-@register("naive")
 @dataclass
 class Naive:
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:

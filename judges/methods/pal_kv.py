@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvjudge.judges.base import register
 from kvjudge.judges.methods.kvcomm import KVCOMM
 
 
-@register("pal_kv")
 @dataclass
 class PALKV(KVCOMM):
     pool_by: str = "slot"

