@@ -1,63 +1,109 @@
-"""The agent actor: a Ray shell around :class:`~kvjudge.agents.generate.Generator`.
+"""The agent actor: a Ray shell around a generator (:class:`~kvjudge.agents.generate.Generator`,
+or :class:`~kvjudge.agents.sim.SimGenerator` for ``sim:...`` model specs).
 
-One actor holds one model copy. The orchestrator starts one actor per distinct model per run and
-routes every agent of the topology that uses that model to it, so agents that share a model share
-one copy on a node instead of loading it once each; an agent's identity (its prompt, sampling
-settings, results) lives in the request, not in the actor.
+One actor holds one model copy; an agent's identity (its prompt, sampling settings, results) lives
+in the request, not in the actor. The actor is threaded (``max_concurrency``): concurrent
+``generate`` calls are collected by a :class:`~kvjudge.agents.batching.BatchQueue` (a ``window_s``
+window, up to ``max_batch`` requests) and generated together by one worker thread, while
+``ready``, ``encode`` and ``stats`` answer on other threads meanwhile.
 
-The actor knows nothing of the judge: it generates, and on request encodes given token ids after
-given context ids and puts the segment into the KV store under a given key.
+The actor knows nothing of the judge: it generates, publishes a turn's own KV on request
+(``publish_agent_kv``: under ``segment_key(model_id, prompt_ids, answer_ids)``, the key the judge's
+``agent`` candidate-KV mode looks up), and encodes given token ids after given context ids into the
+store under a given key.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import ray
 import torch
 
-from kvjudge.agents.generate import Generator
+from kvjudge.agents.batching import BatchQueue
+from kvjudge.agents.generate import GenRequest, Generation, Generator
+from kvjudge.agents.sim import SimGenerator
+from kvjudge.cache.encoder import segment_key
 from kvjudge.cache.store import call, to_host
 from kvjudge.cache.store_actor import get_store
 from kvjudge.models import load_model
+from kvjudge.models.sim import is_sim_spec, parse_sim_spec
+
+MAX_BATCH = 8
+WINDOW_S = 0.01
+MAX_CONCURRENCY = 64  # threads: queued generate calls plus ready / encode / stats
+
+
+def make_generator(model: str) -> Generator | SimGenerator:
+    """The generator for a model spec: simulated for ``sim:...``, else the real model loaded."""
+    if is_sim_spec(model):
+        return SimGenerator(parse_sim_spec(model))
+    return Generator(load_model(model))
 
 
 class _AgentActorImpl:
-    def __init__(self, model: str, store_name: str | None, namespace: str | None, num_threads: int = 1) -> None:
+    def __init__(self, model: str, store_name: str | None, namespace: str | None, num_threads: int = 1,
+                 max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
         self.store = None
         try:
-            self.gen = Generator(load_model(model))
+            self.gen = make_generator(model)
         except Exception as exc:  # reported by ready(); the actor stays up to say why
             self.error = " ".join(str(exc).split()) or type(exc).__name__
             return
+        self.batcher: BatchQueue[GenRequest, Generation] = BatchQueue(self.gen.generate_batch, max_batch, window_s)
+        self.tokens = 0
+        self._count_lock = threading.Lock()
         if store_name:
             self.store = get_store(store_name, namespace)
 
     def ready(self) -> dict:
-        """``{"model_id", "node", "pid"}`` or ``{"error": one line}`` when the model did not load."""
+        """``{"model_id", "node", "pid", "max_batch"}`` or ``{"error": one line}`` when the model did not load."""
         if self.error:
             return {"error": self.error, "node": ray.util.get_node_ip_address()}
-        return {"model_id": self.gen.lm.model_id, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        return {"model_id": self.gen.model_id, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "max_batch": self.batcher.max_batch}
 
     def generate(self, request: dict) -> dict:
-        """Run one agent turn: ``request`` holds ``agent``, ``prompt`` and sampling settings."""
-        g = self.gen.generate(
+        """Run one agent turn: ``request`` holds ``agent``, ``prompt``, sampling settings
+        (``max_new_tokens``, ``temperature``, ``seed``) and optionally ``publish_agent_kv``.
+
+        Blocks until the batch it joined ran. The result carries ``token_ids`` / ``prompt_ids``
+        (lists of ints), ``batch_size`` (requests generated together) and ``tokens_per_s`` (this
+        request's tokens over the batch's wall time); ``store_key`` is the key of the published
+        agent KV, ``None`` when not asked for, without a store, for an empty answer or when the
+        store refused it.
+        """
+        publish = bool(request.get("publish_agent_kv", False))
+        g: Generation = self.batcher.submit(GenRequest(
             request["prompt"],
             max_new_tokens=int(request.get("max_new_tokens", 128)),
             temperature=float(request.get("temperature", 0.0)),
             seed=int(request.get("seed", 0)),
-        )
+            keep_kv=publish and self.store is not None,
+        )).result()
+        with self._count_lock:
+            self.tokens += len(g.token_ids)
+        key = None
+        if publish and self.store is not None and g.agent_kv is not None:
+            key = segment_key(self.gen.model_id, g.prompt_ids, g.token_ids)
+            meta = {"model_id": self.gen.model_id, "agent": request["agent"], "kind": "agent"}
+            if not call(self.store, "put", key, to_host(g.agent_kv), meta):
+                key = None
         return {
             "agent": request["agent"],
             "text": g.text,
             "tokens": len(g.token_ids),
+            "token_ids": [int(t) for t in g.token_ids],
+            "prompt_ids": [int(t) for t in (g.prompt_ids or [])],
             "prompt_tokens": g.prompt_tokens,
             "seconds": g.seconds,
             "tokens_per_s": g.tokens_per_s,
-            "model_id": self.gen.lm.model_id,
-            "store_key": None,
+            "batch_size": g.batch_size,
+            "model_id": self.gen.model_id,
+            "store_key": key,
         }
 
     def encode(self, context_ids: list[int], ids: list[int], key: str, meta: dict | None = None) -> bool:
@@ -65,7 +111,15 @@ class _AgentActorImpl:
         if self.store is None:
             return False
         seg = self.gen.encode(list(context_ids), list(ids))
-        return bool(call(self.store, "put", key, to_host(seg), {**(meta or {}), "model_id": self.gen.lm.model_id}))
+        return bool(call(self.store, "put", key, to_host(seg), {**(meta or {}), "model_id": self.gen.model_id}))
+
+    def stats(self) -> dict:
+        """Batching counters (``batches``, ``items``, ``mean_batch``, ``last_batch``, ``busy_s``) and
+        ``tokens`` generated, ``tokens_per_s`` over busy time (for the dashboard)."""
+        if self.error:
+            return {"error": self.error}
+        s = self.batcher.stats()
+        return {**s, "tokens": self.tokens, "tokens_per_s": self.tokens / s["busy_s"] if s["busy_s"] else 0.0}
 
 
-AgentActor = ray.remote(max_restarts=1, max_task_retries=1)(_AgentActorImpl)
+AgentActor = ray.remote(max_restarts=1, max_task_retries=1, max_concurrency=MAX_CONCURRENCY)(_AgentActorImpl)

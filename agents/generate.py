@@ -1,97 +1,212 @@
-"""Answer generation for one agent turn, with the KV of what it wrote (pure torch, no Ray).
+"""Answer generation for agent turns, batched, with the KV of what each agent wrote (pure torch, no Ray).
 
-A turn yields the answer and ``agent_kv``: the answer tokens as the agent itself produced them,
-sliced out of its own cache (keys rotated for positions ``len(prompt)..``), computed under the
-agent's own prompt. :meth:`Generator.encode` is the generic other half: KV of given token ids
-encoded after given context ids (the caller decides what, e.g. a judge's prompt prefix).
+:meth:`Generator.generate_batch` runs several requests (prompts of different lengths, each with its
+own ``max_new_tokens``, temperature and seed) through **one** ``model.generate`` call:
+
+* prompts are left-padded; transformers derives position ids from the attention mask
+  (``cumsum - 1``), so every row's real tokens sit at positions ``0..`` exactly as in a batch-1
+  run, and the cached keys of a row need no re-indexing;
+* greedy and sampled requests share the call: generation runs greedy and :class:`RowSampler`
+  (a logits processor) replaces each sampled row's scores by a one-hot of a token drawn with
+  that row's own ``torch.Generator`` seeded by the request's seed, so a request's tokens do not
+  depend on its batch mates and the caller's global RNG is never touched;
+* each row stops at its own ``max_new_tokens`` (:class:`RowBudget`) or at a stop token.
+
+``agent_kv`` of a turn is the answer as the agent itself produced it: ``[L, H, T, D]`` for every
+returned answer token (stop tokens stripped), keys rotated for positions ``len(prompt)..``,
+computed under the agent's own prompt. ``generate`` leaves the last token's KV out of its cache;
+one extra decode step of the batch's last tokens adds it (no prefill).
+
+Agent prompts are untrusted text: :func:`kvjudge.models.chat.agent_prompt_ids` (shared with the
+judge) wraps them in the chat template while encoding special-token strings inside them as plain
+text, never as control tokens.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from kvjudge.cache.encoder import KVRunner
-from kvjudge.cache.segments import KVSegment, from_cache
+from kvjudge.cache.segments import KVSegment
 from kvjudge.models import LoadedModel
+from kvjudge.models.chat import agent_prompt_ids
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One agent turn to generate: greedy when ``temperature == 0``, else seeded sampling."""
+
+    prompt: str
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    keep_kv: bool = True  # return ``agent_kv`` (costs one decode step per batch, a copy per request)
 
 
 @dataclass
 class Generation:
-    """One agent turn: the answer text and tokens, throughput, and the answer's own KV."""
+    """One agent turn: the answer text and tokens, the prompt ids, timing and the answer's own KV.
+
+    ``seconds`` is the wall time of the batch the request ran in (``batch_size`` requests).
+    """
 
     text: str
     token_ids: list[int]
     prompt_tokens: int
     seconds: float
     agent_kv: KVSegment | None = None
+    prompt_ids: list[int] | None = None
+    batch_size: int = 1
 
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
 
+class RowSampler(LogitsProcessor):
+    """Per-row seeded temperature sampling inside a greedy ``generate``: each sampled row's scores
+    ``[V]`` become a one-hot (0 at the drawn token, ``-inf`` elsewhere) so argmax picks the draw;
+    rows with temperature 0 are left alone (greedy)."""
+
+    def __init__(self, temperatures: list[float], seeds: list[int], device: torch.device) -> None:
+        self.temperatures = temperatures
+        self.generators = [
+            torch.Generator(device=device).manual_seed(int(s)) if t > 0 else None
+            for t, s in zip(temperatures, seeds)
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, (t, gen) in enumerate(zip(self.temperatures, self.generators)):
+            if gen is None:
+                continue
+            probs = torch.softmax(scores[row].float() / t, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=gen)
+            scores[row] = float("-inf")
+            scores[row, tok] = 0.0
+        return scores
+
+
+class RowBudget(StoppingCriteria):
+    """Stops row ``b`` once it generated ``budgets[b]`` tokens (``input_ids`` ``[B, width + new]``)."""
+
+    def __init__(self, width: int, budgets: list[int], device: torch.device) -> None:
+        self.width = width
+        self.budgets = torch.tensor(budgets, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.width) >= self.budgets
+
+
 class Generator:
-    """Generates answers with a KV cache and encodes token ids after a context."""
+    """Generates answers with a KV cache (batched) and encodes token ids after a context."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.runner = KVRunner(lm.model, lm.model_id)
+        self._encode_lock = threading.Lock()  # the runner's memo is not thread-safe
+
+    @property
+    def model_id(self) -> str:
+        return self.lm.model_id
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        tok = self.lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(tok(prompt)["input_ids"])
+        return agent_prompt_ids(self.lm.tokenizer, prompt)
 
-    @torch.inference_mode()
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> Generation:
-        """Greedy when ``temperature == 0``, else seeded sampling; stops at EOS."""
+    def _stops(self) -> tuple[set[int], int | list[int] | None, int | None]:
         model, tok = self.lm.model, self.lm.tokenizer
-        ids = self.prompt_ids(prompt)
-        input_ids = torch.tensor([ids], device=self.lm.device)
-        sample = temperature > 0
         # the model's own stop list (e.g. Llama-3: end_of_text, eom, eot), else the tokenizer's EOS
         eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stops), None)
+        return stops, eos, pad
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> Generation:
+        """One turn (a batch of one); see :meth:`generate_batch`."""
+        return self.generate_batch([GenRequest(prompt, max_new_tokens, temperature, seed)])[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[GenRequest], ignore_eos: bool = False) -> list[Generation]:
+        """Generate every request in one left-padded ``model.generate`` call; results in request order.
+
+        ``ignore_eos`` suppresses stop tokens until every row wrote its ``max_new_tokens`` (benchmarks).
+        """
+        if not requests:
+            return []
+        model, tok, dev = self.lm.model, self.lm.tokenizer, self.lm.device
+        prompts = [self.prompt_ids(r.prompt) for r in requests]
+        budgets = [max(0, int(r.max_new_tokens)) for r in requests]
+        stops, eos, pad = self._stops()
+        width = max(len(p) for p in prompts)
+        fill = pad if pad is not None else 0
+        input_ids = torch.tensor([[fill] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
         t0 = time.perf_counter()
-        # sampling draws from a private copy of the RNG seeded by ``seed``: the caller's state is untouched
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices, enabled=sample):
-            if sample:
-                torch.manual_seed(seed)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                return_dict_in_generate=True,
-            )
-        seconds = time.perf_counter() - t0
-        new = out.sequences[0, len(ids):].tolist()
-        while new and new[-1] in stops:
-            new = new[:-1]
-        text = tok.decode(new, skip_special_tokens=True)
-        kv = None
+        sampler = RowSampler([float(r.temperature) for r in requests], [r.seed for r in requests], dev)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max(budgets) or 1,
+            min_new_tokens=max(budgets) if ignore_eos else None,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([sampler]),
+            stopping_criteria=StoppingCriteriaList([RowBudget(width, budgets, dev)]),
+            eos_token_id=eos,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+        )
+        answers = [_answer(out.sequences[b, width:].tolist(), budgets[b], stops) for b in range(len(requests))]
+        kvs: list[KVSegment | None] = [None] * len(requests)
         cache = getattr(out, "past_key_values", None)
-        if cache is not None and new:
-            # the cache holds every token but the last generated one
-            kept = min(len(new), cache.get_seq_length() - len(ids))
-            if kept > 0:
-                kv = from_cache(cache, len(ids), len(ids) + kept, tuple(new[:kept]))
-        return Generation(text.strip(), new, len(ids), seconds, kv)
+        if cache is not None and any(r.keep_kv and a for r, a in zip(requests, answers)):
+            cache = self._complete(out.sequences, mask, cache, answers)
+            for b, (r, a) in enumerate(zip(requests, answers)):
+                if r.keep_kv and a:
+                    kvs[b] = _row_segment(cache, b, width, len(a), len(prompts[b]), a)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        return [
+            Generation(tok.decode(a, skip_special_tokens=True).strip(), a, len(p), seconds, kv, p, len(requests))
+            for a, p, kv in zip(answers, prompts, kvs)
+        ]
+
+    def _complete(self, sequences: torch.Tensor, mask: torch.Tensor, cache, answers: list[list[int]]):
+        """The cache with the last column's KV too, when some row's answer reaches that column."""
+        width = mask.shape[1]
+        new = sequences.shape[1] - width
+        if cache.get_seq_length() >= sequences.shape[1] or not any(len(a) == new for a in answers):
+            return cache  # every answer's last token was fed back already
+        full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = (full.sum(dim=1, keepdim=True) - 1).long()
+        out = self.lm.model(input_ids=sequences[:, -1:], attention_mask=full, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values
 
     def encode(self, context_ids: list[int], ids: list[int]) -> KVSegment:
         """KV ``[L, H, len(ids), D]`` of ``ids`` encoded right after ``context_ids`` (memoised)."""
-        return self.runner.encode(context_ids, ids)
+        with self._encode_lock:
+            return self.runner.encode(context_ids, ids)
+
+
+def _answer(row: list[int], budget: int, stops: set[int]) -> list[int]:
+    """Generated ids up to the first stop token (exclusive) and within ``budget``."""
+    row = row[:budget]
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+def _row_segment(cache, row: int, width: int, n: int, prompt_len: int, ids: list[int]) -> KVSegment:
+    """Answer columns ``width..width+n`` of batch row ``row`` (keys already at positions ``prompt_len..``)."""
+    keys = torch.stack([layer.keys[row, :, width:width + n] for layer in cache.layers]).clone()
+    values = torch.stack([layer.values[row, :, width:width + n] for layer in cache.layers]).clone()
+    return KVSegment(keys, values, prompt_len, tuple(ids))

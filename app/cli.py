@@ -1,14 +1,24 @@
-"""The ``kvjudge`` command line. Every user error is one line on stderr and exit code 2."""
+"""The ``kvjudge`` command line: every subcommand is registered here. Every user error is one line on
+stderr and exit code 2 (``KVJUDGE_DEBUG=1`` shows the traceback).
+
+Imports: the parser is built from the standard library and torch-free tables only, and each command
+imports its stack (torch, transformers, Ray) inside its handler, so ``kvjudge --help`` and
+``kvjudge validate`` start in well under a second. That is the one place in the package where
+imports inside functions are the rule, for that reason.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+from kvjudge.judges.catalog import METHOD_ORDER
+
+MAX_TEXT_BYTES = 1 << 20  # what ``@path`` may read
 
 
 class UserError(ValueError):
@@ -23,39 +33,96 @@ class Parser(argparse.ArgumentParser):
 
 
 def read_text(value: str) -> str:
-    """``@path`` reads the text from a file; anything else is the text itself."""
-    if value.startswith("@"):
-        path = Path(value[1:]).expanduser()
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    return value
+    """``@path`` reads the text from a regular file of at most 1 MiB; anything else is the text itself."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:]).expanduser()
+    try:
+        if not path.is_file():
+            raise UserError(f"cannot read {str(path)!r}: not a regular file")
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise UserError(f"cannot read {str(path)!r}: larger than {MAX_TEXT_BYTES >> 20} MiB")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
+            raise UserError(f"cannot read {str(path)!r}: larger than {MAX_TEXT_BYTES >> 20} MiB")
+        return data.decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {str(path)!r}: not UTF-8 text") from None
 
 
+def default_out(name: str, prefix: str = "") -> Path:
+    """``runs/<prefix><name>`` inside the working directory, the name reduced to safe characters."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+    return Path("runs") / f"{prefix}{safe[:100]}"
+
+
+def positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"--{flag} must be >= 1, got {value}")
+
+
+# ---------------------------------------------------------------------------- the parser
 def _add_model(p: argparse.ArgumentParser, default: str = "tiny-llama") -> None:
-    p.add_argument(
-        "--model",
-        default=os.environ.get("KVJUDGE_MODEL", default),
-        help=f"built-in alias (tiny-llama, tiny-qwen2, smollm2-135m) or a local checkpoint folder (default {default})",
-    )
+    p.add_argument("--model", default=os.environ.get("KVJUDGE_MODEL", default),
+                   help=f"built-in alias (tiny-llama, tiny-qwen2, smollm2-135m) or a local checkpoint folder "
+                        f"(default {default})")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def build_parser() -> Parser:
-    from kvjudge.judges.methods import known_methods
-
-    methods = known_methods()
+    methods = ", ".join(METHOD_ORDER)
     root = Parser(prog="kvjudge", description="Multi-agent LLM pipelines with a KV-reusing judge.")
     sub = root.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     j = sub.add_parser("judge", help="pick the best candidate with one judge method")
     _add_model(j)
-    j.add_argument("--method", default="dense", help=f"one of: {', '.join(methods)}")
+    j.add_argument("--method", default="dense", help=f"one of: {methods}")
     j.add_argument("--problem", required=True, help="problem text, or @file")
     j.add_argument("--candidate", action="append", default=[], help="a candidate text or @file (repeat)")
     j.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     j.set_defaults(func=cmd_judge)
+
+    v = sub.add_parser("validate", help="check a topology YAML file")
+    v.add_argument("file", help="a topology file or a shipped name (progressive_refinement, debate, heterogeneous)")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run a topology over problems on Ray")
+    r.add_argument("file", help="a topology file or a shipped name")
+    r.add_argument("--model", default=None, help="override the topology's default model (agents and judge)")
+    r.add_argument("--problems", default="humaneval", help="humaneval | gsm8k | mmlu | FILE.jsonl with {id, prompt}")
+    r.add_argument("--limit", type=int, default=None, help="first N problems only")
+    r.add_argument("--address", default=None, help="Ray address (auto, ray://host:10001); default: embedded local Ray")
+    r.add_argument("--out", default=None, help="output folder (default runs/<topology name>)")
+    r.add_argument("--resume", action="store_true", help="continue OUT/results.jsonl, skipping finished problems")
+    r.add_argument("--concurrency", type=int, default=None,
+                   help="problems in flight (default: enough to keep every agent replica busy)")
+    r.add_argument("--replicas", default=None, help="agent actors per model: N or auto (default: the topology's)")
+    r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="DG-JKR evaluation protocol: generate once, judge under shuffles, report")
+    e.add_argument("dataset", choices=["humaneval", "gsm8k", "mmlu"], help="benchmark")
+    _add_model(e, default="smollm2-135m")
+    e.add_argument("--topology", default="progressive_refinement",
+                   help="topology generating the candidates (file or shipped name; default progressive_refinement); "
+                        "with --candidates it only labels the regime in the report")
+    e.add_argument("--methods", default=",".join(METHOD_ORDER),
+                   help=f"comma-separated judge methods, dense always included (default {','.join(METHOD_ORDER)})")
+    e.add_argument("--seeds", default="42,123,456", help="shuffle seeds (default 42,123,456)")
+    e.add_argument("--limit", type=int, default=None, help="first N problems only")
+    e.add_argument("--candidates", default=None, help="candidates.jsonl from an earlier run: skips generation")
+    e.add_argument("--data", default=None, help="read the data set from this JSONL(.gz) instead of its package")
+    e.add_argument("--out", default=None, help="output folder (default runs/eval-<dataset>)")
+    e.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and judge only what is missing")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("dashboard", help="attach to the live dashboard of a run on a Ray cluster")
+    d.add_argument("--address", default="auto", help="Ray address of the cluster (auto, HOST:6379, ray://HOST:10001)")
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    d.set_defaults(func=cmd_dashboard)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -64,21 +131,21 @@ def build_parser() -> Parser:
     bj.add_argument("--candidates", type=int, default=4)
     bj.add_argument("--candidate-tokens", type=int, default=256)
     bj.add_argument("--repeats", type=int, default=5)
-    bj.add_argument("--methods", default=",".join(methods), help="comma-separated methods (default all)")
+    bj.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated methods (default all)")
     bj.add_argument("--json", action="store_true")
     bj.set_defaults(func=cmd_bench_judge)
-
-    from kvjudge.app import commands
-
-    commands.add_subcommands(sub, _add_model)
     return root
 
 
+# ---------------------------------------------------------------------------- the commands
 def cmd_judge(args: argparse.Namespace) -> int:
-    from kvjudge.models import load_model
-    from kvjudge.judges.methods import make_method
+    from rich.console import Console
+
+    from kvjudge.app.render import verdict_table
     from kvjudge.judges.judge import Judge
+    from kvjudge.judges.methods import make_method
     from kvjudge.judges.prompt import JudgeInputError
+    from kvjudge.models import load_model
 
     make_method(args.method)  # unknown method: fail before loading a model
     problem = read_text(args.problem)
@@ -89,34 +156,123 @@ def cmd_judge(args: argparse.Namespace) -> int:
     verdict = judge.judge(problem, candidates)
     if args.json:
         print(json.dumps(verdict.to_dict()))
-        return 0
-    from kvjudge.app.render import verdict_table
+    else:
+        Console().print(verdict_table(verdict, candidates))
+    return 0
 
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kvjudge.topologies import build_graph, generations, load_topology, resolve_topology
+
+    topo = load_topology(resolve_topology(args.file))
+    graph = build_graph(topo)
+    order = " -> ".join("{" + ", ".join(g) + "}" for g in generations(graph))
+    print(f"{topo.name}: ok — {len(topo.agents)} agents, {graph.number_of_edges()} edges, rounds {topo.rounds}, "
+          f"judge {topo.judge.method}; generations {order}")
+    return 0
+
+
+def _replicas(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--replicas must be a number or auto, got {value!r}") from None
+    positive("replicas", n)
+    return n
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvjudge.app.reporters import choose_reporter
+    from kvjudge.experiments.datasets import load_problems
+    from kvjudge.topologies import load_topology, resolve_topology
+    from kvjudge.topologies.runner import run
+
+    positive("limit", args.limit)
+    positive("concurrency", args.concurrency)
+    replicas = _replicas(args.replicas)
+    topo = load_topology(resolve_topology(args.file))
+    problems = load_problems(args.problems, args.limit)
+    out = Path(args.out) if args.out else default_out(topo.name)
+    try:
+        counts = run(topo, problems, out, model=args.model, address=args.address, resume=args.resume,
+                     reporter=choose_reporter(args.no_dashboard), concurrency=args.concurrency, replicas=replicas)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished problems are in {out / 'results.jsonl'} (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    print(f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped -> {counts['results']}")
+    return 1 if counts["failed"] and not counts["done"] else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvjudge.app.reporters import EvalProgress, PlainReporter, choose_reporter
+    from kvjudge.experiments.config import EvalConfig
+    from kvjudge.experiments.protocol import evaluate
+    from kvjudge.experiments.report import console_table
+    from kvjudge.topologies import resolve_topology
+
+    if args.candidates and not Path(args.candidates).expanduser().is_file():
+        raise UserError(f"--candidates: file not found: {args.candidates}")
+    if not args.candidates:
+        resolve_topology(args.topology)  # a bad --topology fails before anything loads
+    cfg = EvalConfig(
+        dataset=args.dataset, out=Path(args.out) if args.out else default_out(args.dataset, "eval-"),
+        topology=args.topology, model=args.model, methods=args.methods, seeds=args.seeds, limit=args.limit,
+        candidates=Path(args.candidates).expanduser() if args.candidates else None, data=args.data,
+        resume=args.resume, device=args.device,
+    )
+    # generation: the live dashboard on a terminal, plain lines on stderr otherwise
+    reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
+    try:
+        summary = evaluate(cfg, reporter=reporter, progress=EvalProgress())
+    except KeyboardInterrupt:
+        print(f"interrupted: judged triples are in {cfg.out / 'results.jsonl'} (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    print(console_table(summary))
+    print(f"-> {cfg.out / 'summary.json'}, {cfg.out / 'report.md'}, {cfg.out / 'results.jsonl'}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    Console().print(verdict_table(verdict, candidates))
+    from kvjudge.app.dashboard import connect_run, fetcher, watch
+
+    if not args.interval > 0:
+        raise UserError(f"--interval must be > 0, got {args.interval}")
+    actor = connect_run(args.address)
+    try:
+        why = watch(fetcher(actor, timeout=max(5.0, 5 * args.interval)), Console(), args.interval,
+                    live=sys.stdout.isatty())
+    except KeyboardInterrupt:
+        print("detached from the dashboard (the run goes on)", file=sys.stderr)
+        return 0
+    print(why, file=sys.stderr)
     return 0
 
 
 def cmd_bench_judge(args: argparse.Namespace) -> int:
-    from kvjudge.app.bench import bench_judge
+    from rich.console import Console
+
     from kvjudge.app.render import bench_table
+    from kvjudge.experiments.bench import bench_judge
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for flag in ("candidates", "candidate_tokens", "repeats"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        positive(flag.replace("_", "-"), getattr(args, flag))
     result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods, args.device,
                          progress=not args.json)
     if args.json:
         print(json.dumps(result))
     else:
-        from rich.console import Console
-
         Console().print(bench_table(result))
     return 0
 
 
+# ---------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -125,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvjudge: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except (ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         if os.environ.get("KVJUDGE_DEBUG"):
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__

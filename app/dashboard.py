@@ -1,30 +1,33 @@
 """The live dashboard: ``kvjudge run`` on a terminal, and ``kvjudge dashboard --address ADDR``.
 
-* :func:`render` -- pure: a :class:`~kvjudge.app.metrics_actor.Snapshot` in, a rich renderable
-  out (agents, KV store, judge, progress with ETA, optional eval metrics). Stacked panels below
-  120 columns, agents beside store/judge from 120 up; it never draws wider than the console.
+* :func:`render` -- pure: a :class:`~kvjudge.topologies.telemetry.Snapshot` in, a rich renderable
+  out (agents with who feeds whom, replicas per model, problems in flight, KV store, judge,
+  progress with ETA). Stacked panels below 120 columns, agents beside store/judge from 120 up; it
+  never draws wider than the console.
 * :class:`LiveReporter` -- the Reporter a terminal gets: it folds events into a snapshot and
   shows it with ``rich.live.Live`` (4 refreshes/s, the final frame stays on screen). Publishing
-  to the metrics actor is done by :class:`~kvjudge.app.metrics_actor.MetricsPublisher`, which the
-  runtime wraps around every reporter (this one and the plain printer alike).
-* ``kvjudge dashboard`` -- polls the ``kvjudge-metrics`` actor of a run on a Ray cluster.
+  to the metrics actor is done by :class:`~kvjudge.topologies.telemetry.MetricsPublisher`, which
+  the runner wraps around every reporter (this one and the plain printer alike).
+* :func:`watch` -- polls the ``kvjudge-metrics`` actor of a run on a Ray cluster (``kvjudge dashboard``).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import threading
 import time
 from typing import Callable
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.live import Live
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from kvjudge.app.metrics_actor import AgentStats, Snapshot, SnapshotTracker  # noqa: F401  (re-exported)
+from kvjudge.topologies.cluster import ClusterError, probe
+from kvjudge.topologies.telemetry import METRICS_NAMESPACE, AgentStats, Snapshot, SnapshotTracker, find_metrics_actor
 
 WIDE = 120  # from this width on, agents sit beside the store and judge panels
 STATE_STYLE = {"generating": "bold yellow", "done": "green", "failed": "bold red", "waiting": "dim"}
@@ -87,16 +90,21 @@ def _pick_agents(agents: dict[str, AgentStats], limit: int) -> tuple[list[str], 
 def agents_panel(s: Snapshot, max_agents: int = 12) -> Panel:
     table = Table(expand=True, box=None, padding=(0, 1), show_edge=False, header_style="bold")
     table.add_column("agent", no_wrap=True, overflow="ellipsis", ratio=2, min_width=5)
+    table.add_column("from", no_wrap=True, overflow="ellipsis", ratio=2, min_width=4)
     table.add_column("state", no_wrap=True, overflow="ellipsis", min_width=12)
     table.add_column("round", justify="right", no_wrap=True)
     table.add_column("tokens", justify="right", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("total", justify="right", no_wrap=True)
     shown, hidden = _pick_agents(s.agents, max(2, max_agents))
+    upstream: dict[str, list[str]] = {}
+    for src, dst in s.edges:
+        upstream.setdefault(dst, []).append(src)
     for a in shown:
         st = s.agents[a]
         table.add_row(
             a,
+            Text(", ".join(upstream.get(a, [])) or "-", style="dim"),
             Text(f"{STATE_ICON.get(st.state, '?')} {st.state}", style=STATE_STYLE.get(st.state, "")),
             str(st.round or "-"),
             str(st.tokens) if st.tokens else "-",
@@ -104,9 +112,9 @@ def agents_panel(s: Snapshot, max_agents: int = 12) -> Panel:
             str(st.total_tokens) if st.total_tokens else "-",
         )
     if hidden:
-        table.add_row(Text(f"+{hidden} more", style="dim italic"), "", "", "", "", "")
+        table.add_row(Text(f"+{hidden} more", style="dim italic"), "", "", "", "", "", "")
     if not s.agents:
-        table.add_row(Text("no agents yet", style="dim"), "", "", "", "", "")
+        table.add_row(Text("no agents yet", style="dim"), "", "", "", "", "", "")
     counts: dict[str, int] = {}
     for st in s.agents.values():
         counts[st.state] = counts.get(st.state, 0) + 1
@@ -141,12 +149,10 @@ def judge_panel(s: Snapshot) -> Panel:
     winner = f" -> winner {j.last_winner}" if j.last_winner else (" (failed)" if j.current else "")
     lines.append(_line(("last problem ", "dim"), last, winner))
     gate: list = []
-    if j.agreed or j.dense_fallback or j.method == "dg_jkr":
-        gate = [("agreed ", "dim"), (str(j.agreed), "green"), ("  dense fallback ", "dim"),
+    if j.gated or j.method in ("dg_jkr", "random_gate"):
+        gate = [("reuse accepted ", "dim"), (str(j.accepted), "green"), ("  dense fallback ", "dim"),
                 (str(j.dense_fallback), "yellow")]
-    elif j.accepted or j.rejected or j.method == "random_gate":
-        gate = [("accepted ", "dim"), (str(j.accepted), "green"), ("  rejected ", "dim"), (str(j.rejected), "yellow")]
-    elif j.new_anchors or j.method == "kvcomm":
+    elif j.new_anchors or j.method in ("kvcomm", "pal_kv"):
         gate = [("new anchors ", "dim"), str(j.new_anchors)]
     if gate:
         lines.append(_line(("gate  ", "dim"), *gate))
@@ -172,13 +178,24 @@ def progress_panel(s: Snapshot, now: float | None = None) -> Panel:
     return Panel(Group(*lines), title="[bold]progress[/]", title_align="left", border_style="green")
 
 
-def eval_panel(s: Snapshot) -> Panel:
-    grid = Table.grid(padding=(0, 3))
-    items = list((s.eval or {}).items())
-    for _ in items:
-        grid.add_column(no_wrap=True)
-    grid.add_row(*[Text.assemble((f"{k} ", "dim"), (f"{v:.3f}", "bold")) for k, v in items])
-    return Panel(grid, title="[bold]eval[/]", title_align="left", border_style="yellow")
+def cluster_panel(s: Snapshot) -> Panel:
+    """Replicas per model (node, state, problems routed to it, tokens/s, last batch size) and
+    problems in flight."""
+    table = Table(expand=True, box=None, padding=(0, 1), show_edge=False, header_style="bold")
+    for col in ("model", "replica", "node", "state", "in flight", "tok/s", "batch"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis",
+                         justify="left" if col in ("model", "node", "state") else "right")
+    for model, reps in s.replicas.items():
+        for i, r in enumerate(reps, 1):
+            busy = r.get("state") == "busy"
+            table.add_row(model if i == 1 else "", str(i), str(r.get("node", "?")),
+                          Text(str(r.get("state", "?")), style="bold yellow" if busy else "dim"),
+                          str(r.get("in_flight", 0)), f"{float(r.get('tokens_per_s', 0) or 0):.1f}",
+                          str(r.get("batch", 0) or "-"))
+    if not s.replicas:
+        table.add_row(Text("no replicas yet", style="dim"), "", "", "", "", "", "")
+    return Panel(table, title=f"[bold]cluster[/] · {s.in_flight} problem(s) in flight", title_align="left",
+                 border_style="yellow")
 
 
 def _build(s: Snapshot, width: int, now: float | None, max_agents: int) -> Group:
@@ -198,9 +215,8 @@ def _build(s: Snapshot, width: int, now: float | None, max_agents: int) -> Group
         parts: list = [top]
     else:
         parts = [agents, *side]
+    parts.append(cluster_panel(s))
     parts.append(progress_panel(s, now))
-    if s.eval:
-        parts.append(eval_panel(s))
     return Group(*parts)
 
 
@@ -231,19 +247,14 @@ def plain_line(s: Snapshot, now: float | None = None) -> str:
     st, j = s.store or {}, s.judge
     busy = sum(a.state == "generating" for a in s.agents.values())
     bad = sum(a.state == "failed" for a in s.agents.values())
-    gate = ""
-    if j.agreed or j.dense_fallback:
-        gate = f", agreed {j.agreed} / dense fallback {j.dense_fallback}"
-    elif j.accepted or j.rejected:
-        gate = f", accepted {j.accepted} / rejected {j.rejected}"
+    gate = f", reuse accepted {j.accepted} / dense fallback {j.dense_fallback}" if j.gated else ""
     mean = j.mean_latency_ms
     state = "finished" if s.finished else f"ETA {fmt_duration(s.eta_s(now))}"
     line = (f"{s.name or '?'}: {s.finished_problems}/{s.total} ({s.done} ok, {s.failed} failed), {state}; "
             f"agents {busy} generating, {bad} failed of {len(s.agents)}; "
             f"store {st.get('entries', 0)} entries {fmt_bytes(st.get('bytes', 0))}/{fmt_bytes(st.get('budget_bytes', 0))}; "
-            f"judge {j.method or '?'}{gate}, mean {f'{mean:.0f} ms' if mean is not None else '-'}")
-    if s.eval:
-        line += "; " + ", ".join(f"{k} {v:.3f}" for k, v in s.eval.items())
+            f"judge {j.method or '?'}{gate}, mean {f'{mean:.0f} ms' if mean is not None else '-'}; "
+            f"{s.in_flight} in flight")
     return line
 
 
@@ -277,8 +288,6 @@ class LiveReporter:
             return _build(s, self.console.width, now, self._rows())
 
     def start(self, info: dict) -> None:
-        from rich.live import Live
-
         with self._lock:
             self.tracker.start(info)
         self._live = Live(console=self.console, get_renderable=self.frame, refresh_per_second=self.refresh_per_second,
@@ -288,6 +297,10 @@ class LiveReporter:
     def agent(self, agent: str, state: str, **stats) -> None:
         with self._lock:
             self.tracker.agent(agent, state, **stats)
+
+    def status(self, **fields) -> None:
+        with self._lock:
+            self.tracker.status(**fields)
 
     def problem(self, record: dict) -> None:
         with self._lock:
@@ -307,46 +320,13 @@ class RunGone(Exception):
     """The metrics actor went away (its run ended) while we watched."""
 
 
-def add_dashboard_command(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("dashboard", help="attach to the live dashboard of a run on a Ray cluster")
-    d.add_argument("--address", default="auto", help="Ray address of the cluster (auto, HOST:6379, ray://HOST:10001)")
-    d.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
-    d.set_defaults(func=cmd_dashboard)
-
-
-def _probe(address: str) -> None:
-    """Fail fast (one line) when nothing listens at the cluster's address: Ray itself retries for minutes."""
-    import socket
-
-    if address.startswith("ray://"):
-        hostport: str | None = address[len("ray://"):]
-    else:
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-
-            hostport = canonicalize_bootstrap_address(address)
-        except ConnectionError as exc:  # "auto" and no cluster started on this machine
-            raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
-        except Exception:  # a Ray without this helper: let ray.init judge
-            return
-    if not hostport or ":" not in hostport:
-        return
-    host, port = hostport.rsplit(":", 1)
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise ValueError(f"cannot connect to the Ray cluster at {address!r} ({hostport}): {reason}") from None
-
-
-def _connect(address: str):
+def connect_run(address: str):
     """Ray connected to ``address`` (reused when already connected), and the run's metrics actor."""
-    import ray
-
-    from kvjudge.app.metrics_actor import METRICS_NAMESPACE, find_metrics_actor
-
     if not ray.is_initialized():
-        _probe(address)
+        try:
+            probe(address)
+        except ClusterError as exc:
+            raise ValueError(str(exc)) from None
         try:
             ray.init(address=address, namespace=METRICS_NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except Exception as exc:
@@ -358,10 +338,8 @@ def _connect(address: str):
     return actor
 
 
-def _fetcher(actor, timeout: float) -> Callable[[], Snapshot | None]:
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
-
+def fetcher(actor, timeout: float) -> Callable[[], Snapshot | None]:
+    """A function that returns the run's latest snapshot (the last one seen while the actor is slow)."""
     last: list[Snapshot | None] = [None]
 
     def fetch() -> Snapshot | None:
@@ -390,8 +368,6 @@ def watch(fetch: Callable[[], Snapshot | None], console: Console, interval: floa
                 return "the run finished"
             time.sleep(interval)
 
-    from rich.live import Live
-
     state: dict = {"snap": None}
 
     def frame():
@@ -411,18 +387,3 @@ def watch(fetch: Callable[[], Snapshot | None], console: Console, interval: floa
             if state["snap"] is not None and state["snap"].finished:
                 return "the run finished"
             time.sleep(interval)
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    if not args.interval > 0:
-        raise ValueError(f"--interval must be > 0, got {args.interval}")
-    actor = _connect(args.address)
-    console = Console()
-    try:
-        why = watch(_fetcher(actor, timeout=max(5.0, 5 * args.interval)), console, args.interval,
-                    live=sys.stdout.isatty())
-    except KeyboardInterrupt:
-        print("detached from the dashboard (the run goes on)", file=sys.stderr)
-        return 0
-    print(why, file=sys.stderr)
-    return 0

@@ -153,7 +153,8 @@ class KVRunner:
         return seg
 
     def encode(self, context_ids: Sequence[int], segment_ids: Sequence[int]) -> KVSegment:
-        """KV of ``segment_ids`` encoded right after ``context_ids`` (memoised per content hash)."""
+        """KV of ``segment_ids`` encoded right after ``context_ids`` (memoised per content hash; an empty
+        context encodes the segment alone from position 0)."""
         key = segment_key(self.model_id, context_ids, segment_ids)
         seg = self.lookup(key)
         if seg is None and self.fetch is not None:
@@ -162,6 +163,10 @@ class KVRunner:
                 self.fetched += 1
                 return self._remember(key, self._adopt(seg, len(context_ids)))
             seg = None
+        if seg is None and not context_ids:  # alone from position 0 (same key as :meth:`context`)
+            _, seg = self.forward(segment_ids, keep_cache=True)
+            self.encode_tokens += len(segment_ids)
+            seg = self._remember(key, seg)
         if seg is None:
             ctx = self.context(context_ids)
             _, full = self.forward(segment_ids, past=ctx, keep_cache=True)

@@ -12,6 +12,8 @@ method on either a local :class:`KVStore` or the actor's handle, so callers need
 from __future__ import annotations
 
 import threading
+import time
+from collections import Counter
 from typing import Any
 
 from kvjudge.cache.eviction import make_policy
@@ -48,6 +50,7 @@ class KVStore:
         self._bytes = 0
         self._lock = threading.RLock()
         self.hits = self.misses = self.evictions = self.puts = self.rejected = 0
+        self.started_at = time.time()  # a restarted store actor shows a new value (the runner counts restarts)
 
     @property
     def bytes_used(self) -> int:
@@ -114,8 +117,12 @@ class KVStore:
         with self._lock:
             return list(self._items)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
+        """Counters, plus ``bytes_by_node``: where the stored bytes live (values with a ``node``)."""
         with self._lock:
+            by_node: Counter = Counter()
+            for value, size, _ in self._items.values():
+                by_node[str(getattr(value, "node", None) or "here")] += size
             return {
                 "entries": len(self._items),
                 "bytes": self._bytes,
@@ -125,6 +132,8 @@ class KVStore:
                 "evictions": self.evictions,
                 "puts": self.puts,
                 "rejected": self.rejected,
+                "bytes_by_node": dict(by_node),
+                "started_at": self.started_at,
             }
 
     def _drop(self, key: str) -> bool:

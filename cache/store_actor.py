@@ -17,6 +17,17 @@ create and own the store, and killing that agent would take every cached segment
   of a long-running cluster and must be ended with :func:`kill_store` (a local
   ``ray.init()`` cluster is torn down on ``ray.shutdown()`` anyway).
 
+Where the bytes live
+--------------------
+:func:`put_segment` does not send a segment to the store actor: the producer puts it (``ray.put``) into
+the object store of its own node, with the store actor as the object's owner (so the object outlives
+the producer), and hands the actor only a :class:`SegmentRef` (the ref, its size and node). The
+actor keeps the directory (key -> ref, bytes, meta, eviction state) and enforces the byte budget by
+dropping refs; :func:`get_segment` gets the ref from the actor and pulls the bytes straight from the
+producing node. No segment byte passes through the actor's heap. A store that died and restarted
+(``max_restarts=-1``) starts empty: every failed put or get is a miss, never an error, so losing
+cached KV costs only the time to re-encode it.
+
 How tensors travel
 ------------------
 Arguments and results pass through Ray's object store with Ray's pickle-5 serializer. Only CPU
@@ -30,10 +41,12 @@ Either way the actor keeps its own deserialized copy on its heap, which the byte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store import KVStore, call, to_host
 
 DEFAULT_STORE_NAME = "kvjudge-store"
@@ -44,7 +57,44 @@ _PINNED: dict[tuple[str | None, str], Any] = {}
 
 
 # num_cpus=0: the store is I/O bound and must not take a CPU slot from agents on small machines.
-KVStoreActor = ray.remote(num_cpus=0, max_restarts=0)(KVStore)
+# max_restarts=-1: a store that dies comes back (empty); callers treat what it lost as misses.
+KVStoreActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(KVStore)
+
+GET_TIMEOUT_S = 30.0
+
+
+@dataclass
+class SegmentRef:
+    """What the store actor holds for a segment: a ref (in a list, so Ray does not resolve it in
+    transit), the segment's size and the node whose object store has the bytes."""
+
+    refs: list
+    nbytes: int
+    node: str
+
+
+def put_segment(store: Any, key: str, segment: KVSegment, meta: dict | None = None) -> bool:
+    """Put ``segment`` into the object store of this node, owned by ``store``, and register it under
+    ``key``; ``False`` (a miss later, never an error) when the store refuses it or is unreachable."""
+    seg = to_host(segment)
+    try:
+        ref = ray.put(seg, _owner=store)
+        entry = SegmentRef([ref], int(seg.nbytes), ray.get_runtime_context().get_node_id())
+        return bool(ray.get(store.put.remote(key, entry, meta), timeout=GET_TIMEOUT_S))
+    except Exception:  # a dead or restarting store: the KV is simply not shared this time
+        return False
+
+
+def get_segment(store: Any, key: str) -> KVSegment | None:
+    """The segment under ``key`` pulled from the node that holds it, or ``None`` (missing, evicted,
+    or lost with a store restart)."""
+    try:
+        entry = ray.get(store.get.remote(key), timeout=GET_TIMEOUT_S)
+        if isinstance(entry, SegmentRef):
+            return ray.get(entry.refs[0], timeout=GET_TIMEOUT_S)
+        return entry
+    except Exception:  # a restarted store, an object lost with its owner: re-encode instead
+        return None
 
 
 def _in_driver() -> bool:
@@ -101,6 +151,9 @@ def kill_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> 
 __all__ = [
     "DEFAULT_STORE_NAME",
     "KVStoreActor",
+    "SegmentRef",
+    "get_segment",
+    "put_segment",
     "call",
     "get_or_create_store",
     "get_store",

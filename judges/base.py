@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS
 from kvjudge.judges.prompt import JudgePrompt
 
 if TYPE_CHECKING:  # typing only: this module stays importable without torch
@@ -22,16 +23,37 @@ Gate = Literal["accepted", "fallback"]
 
 @dataclass
 class JudgeCase:
-    """One judge call: the prompt (candidates in display order) and each candidate's source agent."""
+    """One judge call: the prompt (candidates in display order) and each candidate's source agent.
+
+    ``contexts[i]``: the token ids slot ``i``'s candidate KV is encoded after (``None``: the prompt's
+    prefix, i.e. ``judge_prefix`` mode; the agent's prompt ids in ``agent`` mode; ``()`` in
+    ``isolated`` mode). ``exact_first``: slot 1's KV was encoded in its real context (only in
+    ``judge_prefix`` mode), so its tokens need no correction. ``output``: ``"label"`` or
+    ``"generate"`` (then up to ``max_new_tokens`` are decoded greedily on the assembled cache).
+    """
 
     prompt: JudgePrompt
     sources: tuple[str, ...]
     memo: dict = field(default_factory=dict)  # results shared by methods within one call (dense)
+    contexts: tuple[tuple[int, ...], ...] | None = None
+    exact_first: bool = True
+    candidate_kv: str = "judge_prefix"
+    output: str = "label"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def context(self, slot: int) -> tuple[int, ...]:
+        """The ids slot ``slot``'s (0-based) candidate KV is encoded after."""
+        return tuple(self.prompt.prefix) if self.contexts is None else tuple(self.contexts[slot])
 
 
 @dataclass
 class Outcome:
-    """What a method computed: per-candidate label log-probs ``[N]`` and how.
+    """What a method computed, and how.
+
+    ``label`` output: ``scores`` are the per-candidate label log-probs ``[N]``. ``generate`` output:
+    ``text`` is the judge's decoded answer, ``choice`` the 1-based number parsed from it (``None``
+    when unparseable, ``parse_rule`` says why) and ``scores`` is empty ``[0]``. Re-wrap an outcome
+    with ``dataclasses.replace`` so these fields travel with it.
 
     ``gate`` is set by gating methods only: ``"accepted"`` when the reuse answer was kept,
     ``"fallback"`` when dense decided. ``decision`` holds method-specific details.
@@ -41,15 +63,29 @@ class Outcome:
     reused: bool
     decision: dict | None = None
     gate: Gate | None = None
+    text: str | None = None
+    choice: int | None = None
+    parse_rule: str | None = None
+
+    @property
+    def winner(self) -> int | None:
+        """The 1-based slot picked: the parsed ``choice`` in generate mode, else the argmax label
+        (``None`` when there is nothing to pick from). Methods compare winners through this."""
+        if self.text is not None:
+            return self.choice
+        return int(self.scores.argmax()) + 1 if self.scores.numel() else None
 
 
 @dataclass
 class Verdict:
-    """A judge decision. ``winner`` is 1-based, as shown to the judge; ``scores[i]`` is the
-    log-probability (full vocabulary) of slot ``i+1``'s label at the answer position."""
+    """A judge decision. ``winner`` is 1-based, as shown to the judge (``None``: a generated answer
+    that names no candidate, see :mod:`kvjudge.judges.parse`). ``scores[i]`` is the log-probability
+    (full vocabulary) of slot ``i+1``'s label at the answer position in ``label`` output, ``[]`` in
+    ``generate`` output, where ``answer_text`` is the decoded answer and ``parse_rule`` the rule that
+    read it. ``decoded_tokens``: tokens generated after the prompt (not part of ``prefilled_tokens``)."""
 
     method: str
-    winner: int
+    winner: int | None
     scores: list[float]
     reused: bool
     latency_ms: float
@@ -57,6 +93,11 @@ class Verdict:
     encoded_tokens: int
     decision: dict | None = None
     gate: Gate | None = None
+    candidate_kv: str = "judge_prefix"
+    output: str = "label"
+    answer_text: str | None = None
+    parse_rule: str | None = None
+    decoded_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

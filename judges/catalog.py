@@ -7,14 +7,14 @@ of every table, plot and dashboard.
 
 from __future__ import annotations
 
-_ANCHOR_OPTIONS = ("gamma", "max_anchors", "window", "top_p", "probe_tokens", "min_anchors", "tau")
+_ANCHOR_OPTIONS = ("gamma", "max_anchors", "window", "top_p", "min_anchors", "tau")
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "naive": (),
     "kvcomm": _ANCHOR_OPTIONS + ("pool_by",),
     "pal_kv": _ANCHOR_OPTIONS + ("pool_by",),
-    "random_gate": ("coverage", "seed", "reuse"),
+    "random_gate": ("coverage", "seed", "arm", "accept"),
     "dg_jkr": ("first", "second"),
 }
 METHOD_ORDER: tuple[str, ...] = tuple(METHOD_OPTIONS)

@@ -26,16 +26,31 @@ Candidates are encoded once after ``prefix`` (their exact context when they sit 
 the glue pieces once per slot number, so a shuffle of the same candidates encodes nothing new.
 The judge's answer is the label token that follows the suffix: ``"1"``, ``"2"``, ... each must be
 one token, distinct from the others, when appended to the suffix.
+
+Given token ids (``candidate_ids``: the ``agent`` candidate-KV mode, where a slot holds exactly the
+ids the agent generated, whatever whitespace they start or end with), each candidate piece *is*
+those ids and the blank lines always go to the following piece (``glue = "\n\n" + header``,
+``suffix = "\n\n" + ...``, tokenized like any later piece), whatever the tokenizer's layout.
+``ids()`` is then the concatenation of the pieces, which dense and reuse share, and no longer the
+tokenization of ``text`` (token merges across a candidate's edges are not re-done).
+
+With ``output="generate"`` the suffix asks for the number first, in the form ``Best candidate: #k``
+(then free text), and does not end with the answer cue; there are no labels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 SYSTEM = "You are an impartial judge. Several candidate solutions to one problem follow; pick the best."
 INSTRUCTION = "Which candidate solves the problem best? Reply with the number of the best candidate only."
 ANSWER_CUE = "Best candidate: #"
+GENERATE_INSTRUCTION = (
+    "Which candidate solves the problem best? Reply with the number of the best candidate (1 to {n}) on the "
+    'first line, as "Best candidate: #<number>"; you may then explain your choice.'
+)
 EMPTY = "(empty answer)"
 _SENTINEL = "\x00KVJUDGE_BODY\x00"
 FIXED_DATE = "01 Jan 2025"
@@ -58,7 +73,7 @@ class JudgePrompt:
     candidates: tuple[tuple[int, ...], ...]
     glue: tuple[tuple[int, ...], ...]  # glue[i] sits between candidate i and i+1 (0-based)
     suffix: tuple[int, ...]
-    labels: tuple[int, ...]
+    labels: tuple[int, ...]  # label token of slot 1..N after the suffix; () with output="generate"
     text: str  # the same prompt as one string (for tokenizer cross-checks)
 
     @property
@@ -174,22 +189,53 @@ def max_candidates(tokenizer, suffix_text: str, limit: int = 999) -> int:
     return n
 
 
-def build_prompt(tokenizer, problem: str, candidates: list[str]) -> JudgePrompt:
-    """Tokenize the judge prompt for ``candidates`` (display order) piece by piece."""
+def build_prompt(
+    tokenizer,
+    problem: str,
+    candidates: list[str],
+    candidate_ids: Sequence[Sequence[int]] | None = None,
+    output: str = "label",
+) -> JudgePrompt:
+    """Tokenize the judge prompt for ``candidates`` (display order) piece by piece.
+
+    ``candidate_ids``: one id sequence per candidate, used as that slot's piece verbatim (``agent``
+    mode; ``candidates`` then only give the display text). ``output``: ``"label"`` or ``"generate"``.
+    """
     if not problem or not problem.strip():
         raise JudgeInputError("the problem is empty")
     if not candidates:
         raise JudgeInputError("no candidates to judge: give at least one")
-    return _assemble(tokenizer, problem, list(candidates), layout_for(tokenizer))
+    if candidate_ids is not None:
+        if len(candidate_ids) != len(candidates):
+            raise JudgeInputError(f"{len(candidate_ids)} token-id lists for {len(candidates)} candidates")
+        if any(len(ids) == 0 for ids in candidate_ids):
+            raise JudgeInputError("a candidate's token ids are empty")
+        candidate_ids = [tuple(int(t) for t in ids) for ids in candidate_ids]
+    if output not in ("label", "generate"):
+        raise JudgeInputError(f"unknown judge output {output!r}; known: label, generate")
+    return _assemble(tokenizer, problem, list(candidates), layout_for(tokenizer), candidate_ids, output)
 
 
-def _assemble(tokenizer, problem: str, candidates: list[str], layout: Layout) -> JudgePrompt:
+def _assemble(
+    tokenizer,
+    problem: str,
+    candidates: list[str],
+    layout: Layout,
+    candidate_ids: list[tuple[int, ...]] | None = None,
+    output: str = "label",
+) -> JudgePrompt:
     tpl = template_for(tokenizer)
-    sep_before, sep_after = (SEP, "") if layout.lead else ("", SEP)
+    # given ids are pieces of their own: the blank line then always starts the next piece
+    lead = layout.lead or candidate_ids is not None
+    sep_before, sep_after = (SEP, "") if lead else ("", SEP)
     enc = layout.encode
     body = f"Problem:\n{problem.strip()}\n\n{header(1)}"
-    suffix_text = f"{sep_before}{INSTRUCTION}{tpl.post}{ANSWER_CUE}"
-    labels = _labels_for(tokenizer, suffix_text, len(candidates))
+    if output == "generate":
+        suffix_text = f"{sep_before}{GENERATE_INSTRUCTION.format(n=len(candidates))}{tpl.post}"
+        labels: tuple[int, ...] | None = ()
+    else:
+        suffix_text = f"{sep_before}{INSTRUCTION}{tpl.post}{ANSWER_CUE}"
+        labels = _labels_for(tokenizer, suffix_text, len(candidates))
     if labels is None:
         top = max_candidates(tokenizer, suffix_text)
         raise JudgeInputError(
@@ -201,9 +247,13 @@ def _assemble(tokenizer, problem: str, candidates: list[str], layout: Layout) ->
     full = tpl.pre + body + texts[0] + "".join(g + t for g, t in zip(glue_texts, texts[1:])) + suffix_text
     # the template's own text starts the prompt; every later piece is encoded as inside the text
     pre = _encode(tokenizer, tpl.pre)
+    if candidate_ids is None:
+        pieces = tuple(enc(tokenizer, t, untrusted=True) for t in texts)
+    else:
+        pieces = tuple(candidate_ids)
     return JudgePrompt(
         prefix=tpl.bos + pre + (enc if pre else _encode)(tokenizer, body, untrusted=True),
-        candidates=tuple(enc(tokenizer, t, untrusted=True) for t in texts),
+        candidates=pieces,
         glue=tuple(enc(tokenizer, g) for g in glue_texts),
         suffix=enc(tokenizer, suffix_text),
         labels=labels,

@@ -18,8 +18,8 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from kvjudge.app.dashboard import LiveReporter, fmt_bytes, fmt_duration, plain_line, render, watch
-from kvjudge.app.metrics_actor import MetricsPublisher, Snapshot, SnapshotTracker
-from kvjudge.app.runtime import PlainReporter
+from kvjudge.app.reporters import PlainReporter
+from kvjudge.topologies.telemetry import MetricsPublisher, Snapshot, SnapshotTracker
 
 T0 = 1_700_000_000.0
 STORE = {"entries": 12, "bytes": 150 * 1024 * 1024, "budget_bytes": 1024 ** 3, "hits": 20, "misses": 4,
@@ -28,14 +28,19 @@ LEFT, RIGHT = "╭│╰", "╮│╯"
 
 
 def info(agents, method="dg_jkr", total=10):
-    return {"name": "progressive_refinement", "total": total, "agents": list(agents), "method": method,
-            "judge_node": "cpu", "model": "tiny-llama"}
+    agents = list(agents)
+    return {"name": "progressive_refinement", "total": total, "agents": agents, "method": method,
+            "judge_node": "cpu", "model": "tiny-llama", "edges": [[a, b] for a, b in zip(agents, agents[1:])],
+            "replicas": {"tiny-llama": [{"node": "10.0.0.1", "state": "busy", "in_flight": 2,
+                                         "tokens_per_s": 31.5, "batch": 3}]}}
 
 
-def ok(pid, agreed=True, store=STORE, winner=2, method="dg_jkr", decision=None):
+def ok(pid, agreed=True, store=STORE, winner=2, method="dg_jkr", decision=None, gate=...):
+    if gate is ...:
+        gate = ("accepted" if agreed else "fallback") if method in ("dg_jkr", "random_gate") else None
     return {"id": pid, "status": "ok", "store": dict(store), "winner_agent": f"a{winner}",
             "verdict": {"method": method, "winner": winner, "reused": agreed, "latency_ms": 700.0,
-                        "decision": decision if decision is not None else {"agreed": agreed}}}
+                        "decision": decision if decision is not None else {"agreed": agreed}, "gate": gate}}
 
 
 def feed(tracker, n_agents=4, failed_agent=None, problems=3, store=STORE, method="dg_jkr", total=10):
@@ -52,12 +57,11 @@ def feed(tracker, n_agents=4, failed_agent=None, problems=3, store=STORE, method
 
 
 def snapshot(**kw) -> Snapshot:
-    eval_ = kw.pop("eval", None)
     t = SnapshotTracker()
     feed(t, **kw)
+    t.status(in_flight=kw.get("problems", 3) and 2)
     s = t.snapshot
     s.started_at, s.updated_at = T0, T0 + 30
-    s.eval = eval_
     return s
 
 
@@ -100,20 +104,21 @@ def check_frame(lines: list[str], width: int) -> None:
 
 @pytest.mark.parametrize("width", [80, 140])
 def test_few_agents(width):
-    s = snapshot(eval={"pass@1": 0.4, "JCR": 0.75})
+    s = snapshot()
     lines = text_at(s, width)
     check_frame(lines, width)
     text = "\n".join(lines)
-    for title in ("agents", "KV store", "judge", "progress", "eval"):
+    for title in ("agents", "KV store", "judge", "progress", "cluster", "2 problem(s) in flight"):
         assert title in text
     for agent in ("a1", "a2", "a3", "a4"):
         assert re.search(rf"\b{agent}\b", text)
     assert "generating" in text and "done" in text
     assert "150.0 MiB / 1.0 GiB (15%)" in text and "entries 12" in text and "hits 20/24 (83%)" in text
-    assert "agreed 2" in text and "dense fallback 1" in text and "700 ms" in text
+    assert "reuse accepted 2" in text and "dense fallback 1" in text and "700 ms" in text
     assert "3/10" in text and "elapsed 00:30" in text and "ETA 01:10" in text
-    assert "pass@1 0.400" in text and "JCR 0.750" in text
-    assert "+" not in text.replace("pass@1", "")  # nothing hidden
+    assert "10.0.0.1" in text and "31.5" in text  # the replica row: node and tokens/s
+    assert re.search(r"\ba2\b\s+a1\b", text)  # a2 is fed by a1
+    assert "+" not in text  # nothing hidden
 
 
 @pytest.mark.parametrize("width", [80, 140])
@@ -153,13 +158,12 @@ def test_empty_store_and_no_problem_yet(width):
     check_frame(lines, width)
     text = "\n".join(lines)
     assert "empty" in text and "0 B / no budget" in text
-    assert "accepted 0" in text and "rejected 0" in text
+    assert "accepted 0" in text and "dense fallback 0" in text
     assert "solver" in text and "critic" in text and "waiting" in text and "ETA --:--" in text
-    assert "eval" not in text
 
 
 def test_narrow_console_keeps_the_frame():
-    s = snapshot(n_agents=6, eval={"pass@1": 0.5})
+    s = snapshot(n_agents=6)
     check_frame(text_at(s, 60), 60)
 
 
@@ -167,8 +171,8 @@ def test_gate_counters_per_method():
     t = SnapshotTracker()
     t.start(info(["a1"], method="random_gate"))
     for acc in (True, True, False):
-        t.problem(ok("p", method="random_gate", decision={"accepted": acc}))
-    assert (t.snapshot.judge.accepted, t.snapshot.judge.rejected) == (2, 1)
+        t.problem(ok("p", method="random_gate", decision={"accepted": acc}, agreed=acc))
+    assert (t.snapshot.judge.accepted, t.snapshot.judge.dense_fallback, t.snapshot.judge.gated) == (2, 1, 3)
     t = SnapshotTracker()
     t.start(info(["a1"], method="kvcomm"))
     t.problem(ok("p", method="kvcomm", decision={"new_anchors": 3}))
@@ -178,7 +182,7 @@ def test_gate_counters_per_method():
 
 
 def test_snapshot_round_trips_through_a_dict():
-    s = snapshot(eval={"pass@1": 0.25})
+    s = snapshot()
     back = Snapshot.from_dict(json.loads(json.dumps(s.to_dict())))
     assert back == s and back.judge.mean_latency_ms == 700.0
 
@@ -211,7 +215,7 @@ def test_live_reporter_final_snapshot():
     assert s.finished and (s.done, s.failed, s.total) == (2, 1, 3)
     assert {a: st.state for a, st in s.agents.items()} == {"a1": "done", "a2": "done", "a3": "done"}
     assert s.agents["a1"].total_tokens == 120 and s.agents["a3"].tokens_per_s == 20.0
-    assert (s.judge.agreed, s.judge.dense_fallback, s.judge.current, s.judge.last_winner) == (1, 1, "p2", "a3")
+    assert (s.judge.accepted, s.judge.dense_fallback, s.judge.current, s.judge.last_winner) == (1, 1, "p2", "a3")
     assert s.store["entries"] == 12 and s.last_error == "boom"
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
     assert "finished" in screen and "progress" in screen and "3/3" in screen
@@ -279,7 +283,7 @@ def local_ray():
 
 def test_metrics_actor_and_dashboard_command(local_ray, capsys):
     from kvjudge.app.cli import main
-    from kvjudge.app.metrics_actor import find_metrics_actor
+    from kvjudge.topologies.telemetry import find_metrics_actor
 
     old = find_metrics_actor()
     if old is not None:

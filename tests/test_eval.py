@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
 from kvjudge.app.cli import main
-from kvjudge.experiments.protocol import (
-    CandidateSet, EvalConfig, ResultsLog, evaluate, judge_all, load_candidates, parse_methods, parse_seeds,
-    permutation, to_original,
-)
+import kvjudge.experiments.protocol as protocol
+from kvjudge.experiments.candidates import CandidateSet, load_candidates, write_candidates
+from kvjudge.experiments.config import EvalConfig, parse_methods, parse_seeds
+from kvjudge.experiments.judging import gate_seed, judge_all, permutation, record_key, running_metrics, to_original
+from kvjudge.experiments.protocol import evaluate
 from kvjudge.judges.base import Verdict
+from kvjudge.topologies.results import ResultsLog
 
 METHODS = ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"]
 
@@ -53,11 +56,12 @@ def test_winners_mapped_back_through_permutations(tmp_path):
     problems = [{"id": f"t{k}", "prompt": f"problem {k}"} for k in range(6)]
     sets = {p["id"]: CandidateSet(p["id"], ["a", "b WIN", "c", "d"], ["a1", "a2", "a3", "a4"]) for p in problems}
     passes = {p["id"]: [False, True, False, False] for p in problems}
-    log = ResultsLog(tmp_path / "results.jsonl")
+    log = ResultsLog(tmp_path / "results.jsonl", key=record_key)
     judge = StubJudge()
     judge_all(judge, problems, sets, passes, [42, 123], ["dense", "naive"], log)
     assert len(log.records) == 6 * 2 * 2
-    for (tid, seed, method), rec in log.records.items():
+    for rec in log.latest():
+        tid, seed, method = record_key(rec)
         perm = permutation(seed, tid, 4)
         assert rec["permutation"] == perm
         if method == "dense":
@@ -177,8 +181,6 @@ def test_resume_skips_done_triples(summary, synthetic):
 
 def test_resume_generates_only_untried_problems(synthetic, monkeypatch):
     """Kept sets win, failed problems are not retried, only new problems reach generation."""
-    import kvjudge.experiments.protocol as protocol
-
     root, data, _ = synthetic
     out = root / "gen-resume"
     (out / "generation").mkdir(parents=True)
@@ -189,10 +191,10 @@ def test_resume_generates_only_untried_problems(synthetic, monkeypatch):
     (out / "generation" / "results.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in (rec(0, "ok"), rec(1, "ok"), rec(2, "error"))))
     kept = CandidateSet("gsm8k/0", ["kept 1", "kept 2", "kept 3", "kept 4"], ["a1", "a2", "a3", "a4"])
-    protocol.write_candidates(out / "candidates.jsonl", [kept])
+    write_candidates(out / "candidates.jsonl", [kept])
     asked = []
 
-    def fake_generation(cfg, problems):
+    def fake_generation(cfg, problems, reporter):
         asked.append([p["id"] for p in problems])
         with (cfg.out / "generation" / "results.jsonl").open("a") as fh:
             for p in problems:
@@ -275,9 +277,7 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
 
 
 def test_running_metrics_line(tmp_path):
-    from kvjudge.experiments.protocol import ResultsLog, running_metrics
-
-    log = ResultsLog(tmp_path / "results.jsonl")
+    log = ResultsLog(tmp_path / "results.jsonl", key=record_key)
     rows = [("t1", "dense", True, True), ("t2", "dense", False, True),
             ("t1", "naive", True, True), ("t2", "naive", True, False)]
     for tid, method, passed, consistent in rows:
@@ -287,10 +287,6 @@ def test_running_metrics_line(tmp_path):
 
 def test_gate_draws_are_uniform_across_problems():
     """The per-(seed, problem) gate seeds must give independent, uniform first draws."""
-    import random
-
-    from kvjudge.experiments.protocol import gate_seed
-
     draws = [random.Random(gate_seed(s, f"mmlu/{i}")).random() for s in (42, 123, 456) for i in range(200)]
     assert 0.82 < sum(d < 0.87 for d in draws) / len(draws) < 0.92
     assert max(draws) > 0.95 and min(draws) < 0.05

@@ -147,12 +147,14 @@ def test_kvcomm_with_an_exact_anchor_reproduces_dense(tiny):
     assert sum(len(p.anchors) for p in kv.pools.values()) == 3
 
 
-def test_kvcomm_pools_per_source_and_pal_kv_per_slot(llama):
+def test_kvcomm_and_pal_kv_keep_anchor_pools_per_source(llama):
+    """Both decide per agent (pools keyed by source); PAL-KV's corrections draw from every pool."""
     judge = Judge(llama)
     judge.judge(PROBLEM, CANDIDATES[:3], method="kvcomm", sources=["a", "b", "c"])
     judge.judge(PROBLEM, CANDIDATES[:3], method="pal_kv", sources=["a", "b", "c"])
     assert set(judge.method("kvcomm").pools) == {"a", "b", "c"}
-    assert set(judge.method("pal_kv").pools) == {0, 1, 2}
+    assert set(judge.method("pal_kv").pools) == {"a", "b", "c"}
+    assert (judge.method("kvcomm").pool_by, judge.method("pal_kv").pool_by) == ("source", "all")
 
 
 def test_random_gate_coverage_and_seed(llama):

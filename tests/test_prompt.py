@@ -5,7 +5,7 @@ import string
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvjudge.judges.prompt import build_prompt, layout_for
+from kvjudge.judges.prompt import build_prompt, layout_for, template_for
 
 CORPUS = [
     "You are an impartial judge. Several candidate solutions to one problem follow; pick the best.",
@@ -55,3 +55,24 @@ def test_byte_level_tokenizers_keep_plain_pieces(tiny):
     for problem, cands in CASES:
         prompt = build_prompt(tiny.tokenizer, problem, cands)
         assert prompt.ids() == list(tiny.tokenizer(prompt.text)["input_ids"])
+
+
+def test_given_candidate_ids_are_slots_verbatim_and_generate_has_no_cue(tiny):
+    """Agent mode: each slot is exactly the given ids (leading/trailing whitespace tokens kept), blank
+    lines start the next piece on every tokenizer; generate output: no answer cue, no labels."""
+    for tok in (tiny.tokenizer, sentencepiece_like()):
+        for problem, cands in CASES:
+            given = [tuple(tok(" " + c + "\n", add_special_tokens=False)["input_ids"]) for c in cands]
+            prompt = build_prompt(tok, problem, cands, candidate_ids=given)
+            text_mode = build_prompt(tok, problem, cands)
+            assert prompt.candidates == tuple(given) and prompt.prefix == text_mode.prefix
+            assert prompt.ids() == [t for _, _, piece in prompt.pieces() for t in piece]
+            enc = layout_for(tok).encode
+            assert prompt.glue == tuple(enc(tok, f"\n\nCandidate #{k}:\n") for k in range(2, len(cands) + 1))
+            assert prompt.suffix[: len(enc(tok, "\n\n"))] == enc(tok, "\n\n")
+            assert prompt.labels == text_mode.labels
+            gen = build_prompt(tok, problem, cands, output="generate")
+            assert gen.labels == () and gen.candidates == text_mode.candidates
+            assert not gen.text.rstrip().endswith("Best candidate: #") and f"(1 to {len(cands)})" in gen.text
+            # text-mode pieces still tokenize like the whole text
+            assert gen.ids() == list(template_for(tok).bos) + _whole(tok, gen)

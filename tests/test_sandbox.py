@@ -1,4 +1,5 @@
-"""Sandbox: hostile programs must fail (never pass, hang, or hurt the caller); HumanEval checks."""
+"""Sandbox: careless programs must fail (never pass, hang, or hurt the caller); HumanEval checks;
+the harness protocol (values, exceptions). Deliberate attacks: test_sandbox_hostile.py."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from kvjudge.experiments.sandbox import (
     build_humaneval_program,
     check_humaneval,
     extract_code,
-    isolation_mode,
+    isolation_level,
     run_untrusted,
 )
 
 CALLER = os.getpid()
 
 
+def check(problem: dict, completion: str, **kw) -> SandboxResult:
+    return check_humaneval(problem, completion, unsafe_exec=True, **kw)
+
+
 def run(code: str, timeout_s: float = 2.0, **kw) -> SandboxResult:
     t0 = time.perf_counter()
-    res = run_untrusted(code, timeout_s=timeout_s, **kw)
+    res = run_untrusted(code, timeout_s=timeout_s, unsafe_exec=True, **kw)  # the behaviour, whatever the level
     elapsed = time.perf_counter() - t0
     assert elapsed < timeout_s + 5.0, f"sandbox took {elapsed:.1f}s"
     assert os.getpid() == CALLER
@@ -75,7 +80,7 @@ def test_killpg_own_group_does_not_kill_caller():
     assert not res.passed
 
 
-@pytest.mark.skipif(isolation_mode() == "none", reason="needs a PID namespace or a separate user")
+@pytest.mark.skipif(isolation_level() == "none", reason="needs a PID namespace")
 def test_kill_parent_through_ctypes_does_not_kill_caller():
     # Goes around the Python-level guard; only the OS isolation protects the caller here.
     run("import ctypes, os\nctypes.CDLL(None).kill(os.getppid(), 9)\n")
@@ -116,6 +121,57 @@ def test_stdin_is_empty():
     assert res.passed
 
 
+# --- the harness protocol: candidate in the sandbox, tests outside ----------------------------------
+
+def test_values_cross_the_boundary_as_plain_data():
+    code = (
+        "from collections import OrderedDict, namedtuple\n"
+        "P = namedtuple('P', 'a b')\n"
+        "def f(x, *, k):\n"
+        "    return [x, (2.5, 'x\\u00e9\\n\\x01\"'), {3: b'y', 'z': None}, {4}, frozenset([5]), True, float('inf'),\n"
+        "            1 + 2j, -(2 ** 100), OrderedDict(a=1), P(1, 2), bytearray(b'q'), k]\n")
+    tests = ("r = f(7, k=[1])\n"
+             "assert r == [7, (2.5, 'x\\u00e9\\n\\x01\"'), {3: b'y', 'z': None}, {4}, frozenset([5]), True, float('inf'),\n"
+             "             1 + 2j, -(2 ** 100), {'a': 1}, (1, 2), b'q', [1]], r\n"
+             "assert [type(v) for v in r[1:4]] == [tuple, dict, set] and type(r[9]) is dict and type(r[10]) is tuple\n"
+             "assert type(r[5]) is bool and type(r[8]) is int\n")
+    res = run(code, tests=tests, expose=("f",))
+    assert res.passed, res
+
+
+def test_wrong_value_fails_with_the_test_assertion():
+    res = run("def f():\n    return 41\n", tests="assert f() == 42, 'wanted 42'", expose=("f",))
+    assert res.status == "failed" and "AssertionError" in res.detail and "wanted 42" in res.detail
+
+
+def test_candidate_exceptions_keep_builtin_types():
+    code = "def f(x):\n    return 10 // x\nclass Odd(Exception):\n    pass\ndef g():\n    raise Odd('strange')\n"
+    tests = ("try:\n    f(0)\nexcept ZeroDivisionError:\n    pass\nelse:\n    raise AssertionError('no error')\n"
+             "assert f(5) == 2\n")
+    assert run(code, tests=tests, expose=("f", "g")).passed
+    res = run(code, tests="g()", expose=("f", "g"))
+    assert res.status == "failed" and "CandidateError" in res.detail and "Odd: strange" in res.detail
+
+
+def test_non_plain_return_and_missing_function_fail():
+    res = run("def f():\n    return object()\n", tests="f()", expose=("f",))
+    assert res.status == "failed" and "not plain data" in res.detail
+    res = run("x = 1\n", tests="f()", expose=("f",))
+    assert res.status == "failed" and "NameError" in res.detail
+
+
+def test_module_level_failure_is_reported_before_the_tests():
+    res = run("raise ValueError('at import')\ndef f():\n    return 1\n", tests="assert f() == 1", expose=("f",))
+    assert res.status == "failed" and "ValueError: at import" in res.detail
+
+
+def test_tests_prelude_helpers_stay_on_the_trusted_side():
+    prelude = "def helper(x):\n    return x * 2\ndef f(x):\n    'stub'\n"
+    code = "def helper(x):\n    return 0\ndef f(x):\n    return x * 2\n"  # the candidate's helper is not used by the tests
+    res = run(code, tests="assert f(3) == helper(3) == 6", tests_prelude=prelude, expose=("f",))
+    assert res.passed, res
+
+
 # --- HumanEval ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -125,13 +181,13 @@ def problems():
 
 def test_humaneval_canonical_solution_passes(problems):
     p = problems["HumanEval/0"]
-    res = check_humaneval(p, p["canonical_solution"])
+    res = check(p, p["canonical_solution"])
     assert res.status == "passed", res.detail
 
 
 def test_humaneval_wrong_completion_fails(problems):
     p = problems["HumanEval/0"]
-    res = check_humaneval(p, "    return False\n")
+    res = check(p, "    return False\n")
     assert res.status == "failed" and not res.passed
 
 
@@ -150,19 +206,19 @@ def test_humaneval_chat_style_restated_function(problems):
     assert extract_code(answer).startswith("def has_close_elements")
     prog = build_humaneval_program(p, answer)
     assert "```" not in prog and prog.rstrip().endswith("check(has_close_elements)")
-    res = check_humaneval(p, answer)
+    res = check(p, answer)
     assert res.status == "passed", res.detail
 
 
 def test_humaneval_helper_in_prompt_kept_for_restated_function(problems):
     p = problems["HumanEval/38"]  # decode_cyclic relies on encode_cyclic from the prompt
     answer = "```python\ndef decode_cyclic(s: str):\n" + p["canonical_solution"] + "```"
-    assert check_humaneval(p, answer).passed
+    assert check(p, answer).passed
 
 
 def test_humaneval_hanging_completion_times_out(problems):
     p = problems["HumanEval/0"]
-    res = check_humaneval(p, "    while True:\n        pass\n", timeout_s=1.0)
+    res = check(p, "    while True:\n        pass\n", timeout_s=1.0)
     assert res.status == "timeout"
 
 

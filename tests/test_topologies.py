@@ -8,6 +8,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
+from kvjudge.judges.catalog import method_options
 from kvjudge.judges.methods import known_methods
 from kvjudge.topologies.loader import (
     build_graph,
@@ -190,8 +191,10 @@ def test_judge_options_are_checked(tmp_path):
     assert "judge.coverage:" in msg
     msg = error_for(tmp_path, BASE.replace("method: naive", "method: random_gate\n  coverage: 1.5"))
     assert "judge.coverage:" in msg and "(got 1.5)" in msg
-    msg = error_for(tmp_path, BASE.replace("method: naive", "method: random_gate\n  options: {reus: naive}"))
-    assert "judge.options.reus: unknown option" in msg and "did you mean 'reuse'" in msg
+    option = next(o for o in method_options("random_gate") if o not in ("coverage", "seed"))  # read the catalog
+    typo = option + "x"
+    msg = error_for(tmp_path, BASE.replace("method: naive", f"method: random_gate\n  options: {{{typo}: naive}}"))
+    assert f"judge.options.{typo}: unknown option" in msg and f"did you mean {option!r}" in msg
     ok = load_topology(write(tmp_path, BASE.replace("method: naive", "method: random_gate\n  coverage: 0.3\n  seed: 4")))
     assert ok.judge.method_kwargs() == {"coverage": 0.3, "seed": 4}
 

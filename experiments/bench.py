@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 import statistics
 
-from kvjudge.models import load_model
-from kvjudge.judges.methods import make_method
+from rich.progress import Progress
+
 from kvjudge.judges.judge import Judge
+from kvjudge.judges.methods import make_method
+from kvjudge.models import load_model
 
 _WORDS = (
     "the function returns sum of list values when input is empty we raise error else loop over items "
@@ -61,8 +63,6 @@ def bench_judge(
     times: dict[str, list[float]] = {n: [] for n in names}
     reused: dict[str, list[bool]] = {n: [] for n in names}
     prefilled: dict[str, int] = {}
-    from rich.progress import Progress
-
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("timing judge methods", total=repeats * len(names))
         for _ in range(repeats):

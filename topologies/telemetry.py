@@ -1,12 +1,12 @@
-"""Run snapshots and the Ray metrics actor that ``kvjudge dashboard`` attaches to.
+"""Run telemetry: the Reporter protocol, run snapshots and the Ray metrics actor ``kvjudge dashboard`` reads.
 
-This module is free of ``rich`` (the runtime imports it for every run); the drawing lives in
-:mod:`kvjudge.app.dashboard`.
+This module is free of ``rich``; the drawing lives in :mod:`kvjudge.app.dashboard`.
 
-* :class:`Snapshot` -- pure data: the state of one run at one moment (agents, KV store, judge,
-  progress, optional eval metrics). ``to_dict`` / ``from_dict`` carry it through Ray.
-* :class:`SnapshotTracker` -- folds the :class:`~kvjudge.app.runtime.Reporter` events into a
-  :class:`Snapshot`.
+* :class:`Reporter` -- the events a run emits (``start``, ``agent``, ``status``, ``problem``, ``close``);
+  the plain printer and the live dashboard in ``app/`` implement it.
+* :class:`Snapshot` -- pure data: the state of one run at one moment (agents, replicas, problems in
+  flight, KV store, judge, progress). ``to_dict`` / ``from_dict`` carry it through Ray.
+* :class:`SnapshotTracker` -- folds the Reporter events into a :class:`Snapshot`.
 * ``kvjudge-metrics`` (namespace ``kvjudge``, ``num_cpus=0``) -- a named actor that holds the
   latest snapshot as a dict. It is created by the driver, so it is owned by the run and goes away
   with it: "no actor" means "no run is publishing".
@@ -19,10 +19,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import ray
 
 METRICS_ACTOR_NAME = "kvjudge-metrics"
 METRICS_NAMESPACE = "kvjudge"
+
+
+class Reporter(Protocol):
+    """Receives a run's progress; every method is called from the driver, one call at a time."""
+
+    def start(self, info: dict) -> None: ...
+    def agent(self, agent: str, state: str, **stats: Any) -> None: ...
+    def status(self, **fields: Any) -> None: ...
+    def problem(self, record: dict) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -46,10 +58,9 @@ class JudgeStats:
     current: str | None = None  # id of the problem judged last
     judged: int = 0
     reused: int = 0
-    agreed: int = 0  # dg_jkr: both cheap passes agreed, KV reused
-    dense_fallback: int = 0  # dg_jkr: they disagreed, dense re-judge
-    accepted: int = 0  # random_gate
-    rejected: int = 0
+    gated: int = 0  # verdicts of a gating method (dg_jkr, random_gate)
+    accepted: int = 0  # the gate kept the reuse answer
+    dense_fallback: int = 0  # the gate fell back to dense
     new_anchors: int = 0  # kvcomm
     latency_ms_total: float = 0.0
     last_winner: str | None = None
@@ -72,7 +83,10 @@ class Snapshot:
     total: int = 0
     started_at: float | None = None  # time.time() of the first problem's start
     updated_at: float | None = None
-    eval: dict[str, float] | None = None  # e.g. {"pass@1": 0.4, "JCR": 0.75}
+    in_flight: int = 0  # problems started and not finished
+    edges: list[list[str]] = field(default_factory=list)  # the topology: [source, target] pairs
+    replicas: dict[str, list[dict]] = field(default_factory=dict)  # model -> [{node, state, tokens_per_s, batch}]
+    store_restarts: int = 0
     last_error: str | None = None
     finished: bool = False
 
@@ -111,6 +125,8 @@ class SnapshotTracker:
         s.name = str(info.get("name", ""))
         s.total = int(info.get("total", 0))
         s.agents = {str(a): AgentStats() for a in info.get("agents", [])}
+        s.edges = [list(map(str, e)) for e in info.get("edges", [])]
+        s.replicas = {str(m): [dict(r) for r in rs] for m, rs in (info.get("replicas") or {}).items()}
         s.judge = JudgeStats(method=str(info.get("method", "")), node=str(info.get("judge_node", "")),
                              model=str(info.get("model") or ""))
         s.started_at = s.updated_at = time.time()
@@ -126,14 +142,25 @@ class SnapshotTracker:
             row.total_tokens += row.tokens
         self.snapshot.updated_at = time.time()
 
+    def status(self, **fields: Any) -> None:
+        """Cluster-level figures: ``in_flight``, ``replicas``, ``store``, ``store_restarts``."""
+        s = self.snapshot
+        if "in_flight" in fields:
+            s.in_flight = int(fields["in_flight"])
+        if isinstance(fields.get("replicas"), dict):
+            s.replicas = {str(m): [dict(r) for r in rs] for m, rs in fields["replicas"].items()}
+        if isinstance(fields.get("store"), dict):
+            s.store = dict(fields["store"])
+        if "store_restarts" in fields:
+            s.store_restarts = int(fields["store_restarts"])
+        s.updated_at = time.time()
+
     def problem(self, record: dict) -> None:
         s = self.snapshot
         s.updated_at = time.time()
         s.judge.current = str(record.get("id"))
         if isinstance(record.get("store"), dict):
             s.store = dict(record["store"])
-        if isinstance(record.get("eval"), dict):  # optional: a caller that scores as it goes
-            s.eval = {str(k): float(v) for k, v in record["eval"].items()}
         if record.get("status") != "ok":
             s.failed += 1
             s.judge.last_winner = None
@@ -146,19 +173,13 @@ class SnapshotTracker:
         j.reused += bool(v.get("reused"))
         j.latency_ms_total += float(v.get("latency_ms", 0.0) or 0.0)
         j.last_winner = record.get("winner_agent")
+        gate = v.get("gate")
+        if gate is not None:
+            j.gated += 1
+            j.accepted += gate == "accepted"
+            j.dense_fallback += gate == "fallback"
         decision = v.get("decision") or {}
-        if "agreed" in decision:
-            if decision["agreed"]:
-                j.agreed += 1
-            else:
-                j.dense_fallback += 1
-        if "accepted" in decision:
-            if decision["accepted"]:
-                j.accepted += 1
-            else:
-                j.rejected += 1
-        if "new_anchors" in decision:
-            j.new_anchors += int(decision["new_anchors"] or 0)
+        j.new_anchors += int(decision.get("new_anchors") or 0)
 
     def close(self) -> None:
         self.snapshot.finished = True
@@ -185,27 +206,16 @@ class _MetricsActorImpl:
         return self._seq
 
 
-_ACTOR_CLS = None
-
-
-def _actor_cls():
-    global _ACTOR_CLS
-    if _ACTOR_CLS is None:
-        import ray
-
-        _ACTOR_CLS = ray.remote(num_cpus=0, max_restarts=0)(_MetricsActorImpl)
-    return _ACTOR_CLS
+MetricsActor = ray.remote(num_cpus=0, max_restarts=0)(_MetricsActorImpl)
 
 
 def get_or_create_metrics_actor():
     """The run's metrics actor (created by this driver, which owns it); Ray must be up."""
-    return _actor_cls().options(name=METRICS_ACTOR_NAME, namespace=METRICS_NAMESPACE, get_if_exists=True).remote()
+    return MetricsActor.options(name=METRICS_ACTOR_NAME, namespace=METRICS_NAMESPACE, get_if_exists=True).remote()
 
 
 def find_metrics_actor():
     """The metrics actor of the run publishing on the connected cluster, or None."""
-    import ray
-
     try:
         return ray.get_actor(METRICS_ACTOR_NAME, namespace=METRICS_NAMESPACE)
     except ValueError:
@@ -244,8 +254,6 @@ class MetricsPublisher:
         self.tracker.start(info)
         if self.enabled:
             try:
-                import ray
-
                 if ray.is_initialized():
                     self.actor = get_or_create_metrics_actor()
             except Exception:
@@ -258,6 +266,11 @@ class MetricsPublisher:
         self._push()
         self.inner.agent(agent, state, **stats)
 
+    def status(self, **fields: Any) -> None:
+        self.tracker.status(**fields)
+        self._push()
+        self.inner.status(**fields)
+
     def problem(self, record: dict) -> None:
         self.tracker.problem(record)
         self._push()
@@ -269,8 +282,6 @@ class MetricsPublisher:
             self._push()
             if self._last_ref is not None:
                 try:
-                    import ray
-
                     ray.wait([self._last_ref], timeout=2.0)
                 except Exception:
                     pass

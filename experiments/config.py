@@ -1,0 +1,75 @@
+"""What one ``kvjudge eval`` run is: the dataset, the methods, the shuffle seeds, where results go."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvjudge.judges.catalog import METHOD_ORDER
+
+DEFAULT_METHODS: tuple[str, ...] = METHOD_ORDER
+DEFAULT_SEEDS: tuple[int, ...] = (42, 123, 456)
+PAPER_RANDOM_COVERAGE = 0.83
+
+
+@dataclass
+class EvalConfig:
+    """Everything one ``kvjudge eval`` run needs (paths may be str or Path)."""
+
+    dataset: str
+    out: Path
+    topology: str = "progressive_refinement"
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    limit: int | None = None
+    candidates: Path | None = None
+    data: str | None = None
+    resume: bool = False
+    device: str | None = None
+    unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.candidates = Path(self.candidates) if self.candidates else None
+        self.methods = tuple(parse_methods(self.methods))
+        self.seeds = tuple(parse_seeds(self.seeds))
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+def parse_methods(spec: str | Iterable[str]) -> list[str]:
+    """``"naive,dg_jkr"`` (or a list) -> known method names, dense first, duplicates dropped."""
+    names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if str(m).strip()]
+    if not names:
+        raise ValueError("--methods is empty: name at least one judge method")
+    known = list(METHOD_ORDER)
+    bad = [m for m in names if m not in known]
+    if bad:
+        raise ValueError(f"unknown judge method {bad[0]!r} in --methods; known methods: {', '.join(known)}")
+    out = ["dense"]
+    for m in names:
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def parse_seeds(spec: str | Iterable[int]) -> list[int]:
+    """``"42,123,456"`` (or a list) -> distinct integer seeds, in order."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    seeds: list[int] = []
+    for p in parts:
+        text = str(p).strip()
+        if not text:
+            continue
+        try:
+            s = int(text)
+        except ValueError:
+            raise ValueError(f"--seeds: {text!r} is not an integer (expected e.g. 42,123,456)") from None
+        if s in seeds:
+            raise ValueError(f"--seeds: seed {s} given twice")
+        seeds.append(s)
+    if not seeds:
+        raise ValueError("--seeds is empty: give at least one integer seed, e.g. 42,123,456")
+    return seeds

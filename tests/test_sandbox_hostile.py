@@ -1,0 +1,300 @@
+"""Attacks on the sandbox, each of which must fail: forged passes, escapes from the filesystem,
+network and process limits. Host-side effects are checked on the host, not taken from the child."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+
+from kvjudge.experiments import sandbox as sb
+from kvjudge.experiments.data import load_humaneval
+from kvjudge.experiments.sandbox import SandboxResult, SandboxUnavailable, check_humaneval, run_untrusted
+
+LEVEL = sb.isolation_level()
+ISOLATED = [] if LEVEL == "none" else [lv for lv in ("bwrap", "unshare") if sb.level_available(lv)]
+needs_isolation = pytest.mark.skipif(not ISOLATED, reason="no sandbox isolation here (install bubblewrap)")
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(sb.__file__)))
+EARLY_EXIT = "exited with status 0 before the end of the program"
+
+
+def forgery_failed(res: SandboxResult) -> bool:
+    """Failed the way a finished forgery fails: its ``os._exit(0)``, or the junk it wrote to the reply pipe."""
+    return res.status == "failed" and (res.detail == EARLY_EXIT or res.detail.startswith("the candidate sent"))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return {p["id"]: p for p in load_humaneval()}["HumanEval/0"]
+
+
+def wrong(attack: str) -> str:
+    """A wrong HumanEval/0 completion whose module-level code runs ``attack`` first."""
+    return ("```python\n" + attack + "\n\ndef has_close_elements(numbers, threshold):\n    return False\n```")
+
+
+# --- forged passes --------------------------------------------------------------------------------
+
+SPRAY = r'''
+import os, json
+def spray(values):
+    # A fake verdict in every format a harness might use, for every secret-looking value found; the
+    # likeliest value goes last (a harness that reads the last line of its output would see it).
+    lines = [json.dumps({"token": v, "status": "passed", "detail": "ok"}) for v in values]
+    lines += ["KVJUDGE_OK_" + v for v in values] + ["passed", '["ready"]'] + list(values)
+    blob = ("\n" + "\n".join(lines) + "\n").encode()
+    names = os.listdir("/proc/self/fd")
+    targets = sorted(set(range(256)) | {int(n) for n in names})
+    for name in names:
+        try:
+            targets.append(os.open("/proc/self/fd/" + name, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    for fd in targets:
+        try:
+            os.set_blocking(fd, False)
+            os.write(fd, blob)
+        except OSError:
+            pass
+def harvest(objs):
+    found, best = set(), []
+    for o in objs:
+        if isinstance(o, str) and 8 <= len(o) <= 200:
+            found.add(o)
+        elif isinstance(o, dict):
+            for k, v in list(o.items()):
+                if isinstance(v, str) and 8 <= len(v) <= 200:
+                    found.add(v)
+                    if isinstance(k, str) and "tok" in k.lower():
+                        best.append(v)
+    return sorted(found)[:5000] + best
+'''
+
+FORGERIES = {
+    "main_globals": "import sys\nm = vars(sys.modules['__main__'])\nspray(harvest([m, *m.values()]))\nos._exit(0)",
+    "gc": "import gc\nspray(harvest(gc.get_objects()))\nos._exit(0)",
+    "frames": ("import sys\nf, seen = sys._getframe(), []\nwhile f is not None:\n"
+               "    seen += [f.f_locals, f.f_globals]\n    f = f.f_back\nspray(harvest(seen))\nos._exit(0)"),
+    "ctypes_memory": (
+        "import ctypes, re\nfound = set()\n"
+        "for line in open('/proc/self/maps'):\n"
+        "    addr, perms = line.split()[:2]\n"
+        "    lo, hi = (int(x, 16) for x in addr.split('-'))\n"
+        "    if perms.startswith('rw') and hi - lo <= 64 << 20:\n"
+        "        found.update(m.decode() for m in re.findall(rb'(?:KVJUDGE_OK_)?[0-9a-f]{32}', ctypes.string_at(lo, hi - lo)))\n"
+        "spray(sorted(found, key=lambda v: (v.startswith('KVJUDGE'), v))[-2000:])\nos._exit(0)"),
+    "reply_pipe": ("import struct\nfor fd in range(3, 64):\n    try:\n"
+                   "        os.write(fd, struct.pack('>I', 7) + b'[\"ret\"]' + struct.pack('>I', 9) + b'[\"ready\"]')\n"
+                   "    except OSError:\n        pass\nos._exit(0)"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(FORGERIES))
+def test_forged_pass_from_inside_the_candidate_fails(problem, attack):
+    res = check_humaneval(problem, wrong(SPRAY + FORGERIES[attack]), unsafe_exec=True)
+    assert forgery_failed(res), res
+
+
+@needs_isolation
+def test_forged_pass_through_other_processes_fails(problem):
+    # Writes a fake verdict to every fd of every process it can see whose command line looks like the harness.
+    attack = ("for pid in os.listdir('/proc'):\n    if not pid.isdigit():\n        continue\n"
+              "    try:\n        cmd = open('/proc/%s/cmdline' % pid, 'rb').read()\n    except OSError:\n        continue\n"
+              "    if b'_report' not in cmd and pid != str(os.getpid()):\n        continue\n"
+              "    for fd in os.listdir('/proc/%s/fd' % pid) if os.access('/proc/%s/fd' % pid, os.R_OK) else []:\n"
+              "        try:\n            w = os.open('/proc/%s/fd/%s' % (pid, fd), os.O_WRONLY | os.O_NONBLOCK)\n"
+              "            os.write(w, b'\\n{\"token\": \"x\", \"status\": \"passed\"}\\n')\n"
+              "        except OSError:\n            pass\n"
+              "assert not [p for p in os.listdir('/proc') if p.isdigit() and p not in ('1', str(os.getpid()))]\n"
+              "os._exit(0)")
+    res = check_humaneval(problem, wrong(SPRAY + attack))
+    assert forgery_failed(res), res
+
+
+@pytest.mark.parametrize("body, detail", [
+    # The tests must not be fooled by objects of the candidate's making.
+    ("class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()", "not plain data"),
+    ("class B(int):\n        def __eq__(self, other):\n            return True\n    return B(0)", "AssertionError"),
+    # Patching the candidate's own interpreter does not reach the tests.
+    ("import builtins, sys\n    builtins.AssertionError = None\n    sys.settrace(lambda *a: None)\n"
+     "    return False", "AssertionError"),
+    ("raise SystemExit(0)", "SystemExit"),
+    ("import os\n    os._exit(0)", EARLY_EXIT),
+])
+def test_candidate_tricks_inside_calls_fail(problem, body, detail):
+    completion = "def has_close_elements(numbers, threshold):\n    " + body + "\n"
+    res = check_humaneval(problem, completion, unsafe_exec=True)
+    assert not res.passed and res.status == "failed" and detail in res.detail, res
+
+
+def test_candidate_that_hides_an_exit_inside_tests_still_fails():
+    # The tests swallow every exception, so only the harness's own record of the exit can fail it.
+    tests = "for _ in range(3):\n    try:\n        f()\n    except Exception:\n        pass\n"
+    res = run_untrusted("import os\ndef f():\n    os._exit(0)\n", tests=tests, expose=("f",), unsafe_exec=True)
+    assert not res.passed and res.status == "failed" and res.detail == EARLY_EXIT, res
+
+
+def test_honest_solution_still_passes(problem):
+    res = check_humaneval(problem, problem["canonical_solution"], unsafe_exec=True)
+    assert res.passed, res
+
+
+# --- isolation ------------------------------------------------------------------------------------
+
+def attack(level: str, code: str, **kw) -> SandboxResult:
+    """Run ``code``; it re-raises what blocked the attack, so "failed" + the error = blocked."""
+    t0 = time.perf_counter()
+    res = run_untrusted(code, timeout_s=kw.pop("timeout_s", 5.0), level=level, **kw)
+    assert time.perf_counter() - t0 < 15.0
+    return res
+
+
+def host_pids_named(comm: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == comm:
+                    out.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def wait_gone(comm: str, seconds: float = 1.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := host_pids_named(comm)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_cannot_read_root_only_files(level, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    for path in ("/etc/shadow", str(secret)):
+        if not os.path.exists(path):
+            continue
+        res = attack(level, f"print(open({path!r}).read())")
+        assert res.status == "failed" and ("PermissionError" in res.detail or "FileNotFoundError" in res.detail), res
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_cannot_delete_or_create_files_beside_its_dir_or_in_the_project(level):
+    tag = os.urandom(4).hex()
+    victims = [os.path.join(tempfile.gettempdir(), f"kvj-victim-{tag}"), os.path.join(PROJECT, f".kvj-victim-{tag}")]
+    created = [os.path.join(tempfile.gettempdir(), f"kvj-new-{tag}"), os.path.join(PROJECT, f".kvj-new-{tag}")]
+    try:
+        for v in victims:
+            with open(v, "w") as fh:
+                fh.write("x")
+        for target in victims:
+            res = attack(level, f"import os\nos.remove({target!r})")
+            assert res.status == "failed" and "Error" in res.detail, res
+        code = ("import os\nbeside = os.path.join(os.path.dirname(os.getcwd()), 'kvj-new-{t}')\n"
+                "for p in [beside, {a!r}, {b!r}]:\n    open(p, 'w').close()").format(t=tag, a=created[0], b=created[1])
+        res = attack(level, code)
+        assert res.status == "failed" and "Error" in res.detail, res
+        assert all(os.path.exists(v) for v in victims)
+        assert not any(os.path.exists(c) for c in created)
+    finally:
+        for p in victims + created:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_cannot_write_50mb_outside_its_dir_and_its_dir_is_bounded(level):
+    tag = os.urandom(4).hex()
+    dirs = sorted({"/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir(), os.path.expanduser("~"), PROJECT, "/"})
+    code = ("import os\nok = []\nchunk = b'x' * (1 << 20)\n"
+            "for d in %r:\n    p = os.path.join(d, 'kvj-big-%s')\n    try:\n        with open(p, 'wb') as f:\n"
+            "            for _ in range(60):\n                f.write(chunk)\n        ok.append(d)\n"
+            "    except OSError:\n        pass\n"
+            "assert not ok, ok\n"
+            "n = 0\ntry:\n    for i in range(12):\n        with open('own%%d' %% i, 'wb') as f:\n"
+            "            for _ in range(8):\n                f.write(chunk)\n                n += 1\n"
+            "except OSError as e:\n    raise RuntimeError('blocked after %%d MiB' %% n)\n") % (dirs, tag)
+    res = attack(level, code, fsize_mb=100, timeout_s=10.0)
+    leftovers = [d for d in dirs if os.path.exists(os.path.join(d, f"kvj-big-{tag}"))]
+    for d in leftovers:
+        os.unlink(os.path.join(d, f"kvj-big-{tag}"))
+    assert not leftovers
+    assert res.status == "failed" and "blocked after" in res.detail, res
+    assert int(res.detail.split("after ")[1].split()[0]) <= sb._BOX_BYTES >> 20
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_no_network_to_the_host_loopback(level):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        res = attack(level, f"import socket\ns = socket.socket()\ns.settimeout(3)\ns.connect(('127.0.0.1', {port}))")
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    assert res.status == "failed" and "Error" in res.detail, res
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_runs_unprivileged(level):
+    res = attack(level, "st = open('/proc/self/status').read()\n"
+                        "caps = [l for l in st.splitlines() if l.startswith(('CapEff', 'CapPrm', 'NoNewPrivs'))]\n"
+                        "import os\nraise RuntimeError('uid=%d %s' % (os.getuid(), ' '.join(caps)))")
+    assert res.status == "failed" and "CapEff: 0000000000000000" in res.detail and "NoNewPrivs: 1" in res.detail, res
+    if os.geteuid() == 0:  # root callers get a fresh unprivileged uid per check
+        assert "uid=0 " not in res.detail, res
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_fork_bomb_is_bounded_and_killed(level):
+    code = ("import ctypes, time\nlibc = ctypes.CDLL(None)\nlibc.prctl(15, b'kvjbomb', 0, 0, 0)\n"
+            "n = 0\nfor _ in range(300):\n    pid = libc.fork()\n    if pid == 0:\n"
+            "        while True:\n            libc.fork()\n            time.sleep(0.01)\n"
+            "    if pid < 0:\n        break\n    n += 1\n"
+            "raise RuntimeError('forked %d' % n)")
+    res = attack(level, code)
+    assert res.status == "failed" and "forked" in res.detail, res
+    assert int(res.detail.split("forked ")[1].split()[0]) < sb._NPROC
+    assert not wait_gone("kvjbomb")
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_double_forked_daemon_is_killed_at_the_end(level):
+    code = ("import ctypes, os, time\nlibc = ctypes.CDLL(None)\n"
+            "if libc.fork() == 0:\n    libc.setsid()\n    if libc.fork() == 0:\n"
+            "        libc.prctl(15, b'kvjdaemon', 0, 0, 0)\n        time.sleep(60)\n    os._exit(0)\n"
+            "time.sleep(0.3)\n")
+    res = attack(level, code)
+    assert res.passed, res  # the program itself ended normally
+    assert not wait_gone("kvjdaemon")
+
+
+# --- no isolation -----------------------------------------------------------------------------------
+
+def test_require_isolation_refuses_without_isolation(monkeypatch):
+    monkeypatch.setattr(sb, "_level_cache", "none")
+    with pytest.raises(SandboxUnavailable) as info:
+        sb.require_isolation(False)
+    assert str(info.value) == sb.UNAVAILABLE_MESSAGE and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(SandboxUnavailable):
+        run_untrusted("pass")
+    assert sb.require_isolation(True) == "none"
+
+
+def test_probe_fails_without_isolation():
+    # The probe must be able to say no: unsandboxed, the probe program reaches the host filesystem.
+    assert sb._probe("none") is False

@@ -1,0 +1,85 @@
+"""Connecting to Ray and checking that a cluster can place what a run asks for (one-line errors, fast).
+
+Ray itself retries an unreachable address for minutes and waits forever on a resource no node
+has; :func:`connect` probes the address with a plain TCP connection first, and :func:`check_feasible`
+compares each actor's request with what the nodes offer before anything is started.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import ray
+
+NAMESPACE = "kvjudge"
+ZERO_COPY = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
+PROBE_TIMEOUT_S = 5.0
+
+
+class ClusterError(ValueError):
+    """The cluster cannot be reached or cannot place a request; one line."""
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`ClusterError` within ``timeout`` s when nothing listens at ``address``."""
+    if address.startswith("ray://"):
+        hostport: str | None = address[len("ray://"):]
+    else:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address  # private: used for 'auto'
+
+            hostport = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto" and no cluster started on this machine
+            raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {' '.join(str(exc).split())}") \
+                from None
+        except Exception:  # a Ray without this helper: let ray.init judge
+            return
+    if not hostport or ":" not in hostport:
+        return
+    host, port = hostport.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r} ({hostport}): {reason}") from None
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Ray up: ``address`` (probed first), or an embedded local Ray; whether this call started it."""
+    if ray.is_initialized():
+        return False
+    # KV segments are never written in place after they are made: let Ray pass them zero-copy
+    env = {ZERO_COPY: os.environ.setdefault(ZERO_COPY, "1")}
+    warnings.filterwarnings("ignore", message=".*(Zero-copy tensor|NumPy array is not writable).*")
+    common = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    if address:
+        probe(address)
+        try:
+            ray.init(address=address, **common)
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {reason}") from None
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    return True
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of every live node."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_feasible(what: str, request: dict[str, float]) -> None:
+    """Raise :class:`ClusterError` naming the resource when no single node can hold ``request``."""
+    need = {k: float(v) for k, v in request.items() if v}
+    nodes = node_resources()
+    if any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
+        return
+    short = next((k for k, v in need.items() if max((n.get(k, 0.0) for n in nodes), default=0.0) < v),
+                 next(iter(need), "?"))
+    have = max((n.get(short, 0.0) for n in nodes), default=0.0)
+    raise ClusterError(f"{what} needs {short}={need.get(short, 0):g} on one node, but the largest node has "
+                       f"{short}={have:g} ({len(nodes)} node(s); cluster total: "
+                       f"{ {k: v for k, v in ray.cluster_resources().items() if '/' not in k and 'node:' not in k} })")

@@ -1,0 +1,358 @@
+"""Running a topology on Ray: problems in flight, agent replicas, the judge actor, the results log.
+
+:func:`run` keeps up to ``concurrency`` problems in flight (one driver thread each, blocked on Ray
+while actors work), so a chain pipelines: while ``a2`` refines problem 1, ``a1`` drafts problem 2.
+What a problem's agents are asked, and when, is :class:`~kvjudge.topologies.plan.ProblemPlan`
+(pure); requests for a model go to the least-loaded of its replicas, whose actors batch what
+arrives together. Records are appended to ``OUT/results.jsonl`` as problems finish (order of
+completion), flushed and fsynced; ``--resume`` skips finished ids, and Ctrl-C keeps what finished.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from kvjudge.agents.actor import AgentActor
+from kvjudge.cache.store import call
+from kvjudge.cache.store_actor import get_or_create_store
+from kvjudge.judges.actor import JudgeActor, judge_options
+from kvjudge.topologies.cluster import NAMESPACE, ClusterError, check_feasible, connect
+from kvjudge.topologies.plan import ProblemPlan
+from kvjudge.topologies.results import ResultsLog
+from kvjudge.topologies.schema import Topology
+from kvjudge.topologies.telemetry import MetricsPublisher, Reporter
+
+READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
+STORE_NAME = "kvjudge-store"
+MAX_AUTO_REPLICAS = 8
+
+
+class RunError(ValueError):
+    """A run that cannot go on (a model that does not load, an unplaceable actor); one line."""
+
+
+class _Quiet:
+    """A Reporter that ignores every event."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+class _Locked:
+    """A Reporter shared by problem threads: one event at a time."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.inner, name)
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return fn(*args, **kwargs)
+
+        return locked
+
+
+@dataclass
+class Replicas:
+    """The actors serving one model; :meth:`pick` returns the least-loaded one."""
+
+    actors: list
+    nodes: list[str] = field(default_factory=list)
+    load: list[int] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.load = [0] * len(self.actors)
+        self.stats = [{"state": "idle", "tokens_per_s": 0.0, "batch": 0} for _ in self.actors]
+
+    def pick(self) -> int:
+        with self._lock:
+            i = min(range(len(self.actors)), key=lambda j: (self.load[j], j))
+            self.load[i] += 1
+            self.stats[i]["state"] = "busy"
+            return i
+
+    def release(self, i: int, result: dict | None = None) -> None:
+        with self._lock:
+            self.load[i] -= 1
+            if result:
+                self.stats[i]["tokens_per_s"] = float(result.get("tokens_per_s", 0.0) or 0.0)
+                self.stats[i]["batch"] = int(result.get("batch_size", 1) or 1)
+            self.stats[i]["state"] = "busy" if self.load[i] else "idle"
+
+    def view(self) -> list[dict]:
+        with self._lock:
+            return [{"node": n, "in_flight": ld, **st} for n, ld, st in zip(self.nodes, self.load, self.stats)]
+
+
+class Orchestrator:
+    """Agents (replicas per model), the store and the judge of one topology on a Ray cluster."""
+
+    def __init__(self, topology: Topology, model: str | None = None, address: str | None = None,
+                 replicas: int | str | None = None, reporter: Reporter | None = None) -> None:
+        if model:
+            topology = topology.model_copy(
+                update={"defaults": topology.defaults.model_copy(update={"model": model})})
+        self.topology = topology
+        self.address = address
+        self.replicas_arg = replicas if replicas is not None else getattr(topology.resources, "agent_replicas", 1)
+        self.reporter = reporter or _Quiet()
+        self.judge_model = topology.defaults.model
+        self.specs = {a: topology.agent_spec(a) for a in topology.agents}
+        self.models = sorted({s.model for s in self.specs.values()})
+        self.pools: dict[str, Replicas] = {}
+        self._started_ray = False
+        self._store_started: float | None = None
+        self.store_restarts = 0
+
+    # ---------------------------------------------------------------- set-up
+    def start(self) -> dict:
+        res = self.topology.resources
+        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1))
+        try:
+            agent_req = {"CPU": res.agent_num_cpus}
+            for m in self.models:
+                check_feasible(f"an agent actor for model {m!r} (resources.agent_num_cpus)", agent_req)
+            jopts = judge_options(res.judge_resource, res.judge_num_gpus)
+            check_feasible("the judge actor", {"CPU": 1, "GPU": jopts.get("num_gpus", 0),
+                                               **jopts.get("resources", {})})
+        except ClusterError as exc:
+            raise RunError(str(exc)) from None
+        except ValueError as exc:  # judge_options: a declared resource no node has
+            raise RunError(" ".join(str(exc).split())) from None
+        store = self.topology.store
+        self.store = get_or_create_store(STORE_NAME, budget_bytes=store.budget_bytes, eviction=store.eviction,
+                                         namespace=NAMESPACE)
+        threads = max(1, int(res.agent_num_cpus) or 1)
+        n = self._replica_count()
+        actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads)
+                      for _ in range(n)] for m in self.models}
+        self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
+            self.judge_model, self.topology.judge.method, self.topology.judge.method_kwargs(),
+            STORE_NAME, NAMESPACE, 1,
+        )
+        named = {f"agent model {m!r} replica {i + 1}": a for m, lst in actors.items() for i, a in enumerate(lst)}
+        ready = self._ready({**named, f"judge model {self.judge_model!r}": self.judge})
+        for m, lst in actors.items():
+            infos = [ready[f"agent model {m!r} replica {i + 1}"] for i in range(len(lst))]
+            self.pools[m] = Replicas(lst, nodes=[str(i.get("node", "?")) for i in infos])
+        self.judge_info = ready[f"judge model {self.judge_model!r}"]
+        return self.judge_info
+
+    def _replica_count(self) -> int:
+        arg = self.replicas_arg
+        if arg in (None, ""):
+            return 1
+        if arg != "auto":
+            return max(1, int(arg))
+        cpus = float(ray.cluster_resources().get("CPU", 1)) - 1.0  # one CPU stays with the judge
+        per = float(self.topology.resources.agent_num_cpus) or 1.0
+        return max(1, min(MAX_AUTO_REPLICAS, int(cpus // per) // max(1, len(self.models))))
+
+    def _ready(self, actors: dict) -> dict:
+        refs = {name: a.ready.remote() for name, a in actors.items()}
+        done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=READY_TIMEOUT_S)
+        if pending:
+            late = [n for n, r in refs.items() if r in pending]
+            raise RunError(f"{', '.join(late)}: no node could start it within {READY_TIMEOUT_S:.0f} s "
+                           f"(cluster resources: {ray.cluster_resources()})")
+        out = {}
+        for name, ref in refs.items():
+            info = ray.get(ref)
+            if "error" in info:
+                raise RunError(f"{name} failed to load on node {info['node']}: {info['error']}")
+            out[name] = info
+        return out
+
+    def replicas_view(self) -> dict[str, list[dict]]:
+        return {m: pool.view() for m, pool in self.pools.items()}
+
+    def store_stats(self) -> dict:
+        """The store's counters (``{}`` while it restarts); counts restarts it notices."""
+        try:
+            stats = ray.get(self.store.stats.remote(), timeout=10)
+        except Exception:
+            return {}
+        started = stats.get("started_at")
+        if self._store_started is not None and started != self._store_started:
+            self.store_restarts += 1
+        self._store_started = started
+        return stats
+
+    def stop(self) -> None:
+        """Shut down the Ray we started, or else kill the actors we created on someone else's Ray."""
+        if not ray.is_initialized():
+            return
+        if self._started_ray:
+            ray.shutdown()
+            return
+        actors = [a for pool in self.pools.values() for a in pool.actors] + [getattr(self, "judge", None)]
+        for actor in actors:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+    # ---------------------------------------------------------------- one problem
+    def _generate(self, request: dict) -> dict:
+        model = self.specs[request["agent"]].model
+        pool = self.pools[model]
+        i = pool.pick()
+        result = None
+        try:
+            result = ray.get(pool.actors[i].generate.remote(request))
+            return result
+        finally:
+            pool.release(i, result)
+
+    def _publish(self, agent: str, problem: str, answer: str) -> str | None:
+        """Ask the judge what KV it will look up for ``answer`` and have the agent's actor encode it;
+        a failure only costs the judge an encode later."""
+        try:
+            req = ray.get(self.judge.candidate_kv_request.remote(problem, answer))
+            meta = {"agent": agent, "kind": "judge-candidate"}
+            pool = self.pools[self.specs[agent].model]
+            i = pool.pick()
+            try:
+                ok = ray.get(pool.actors[i].encode.remote(req["context_ids"], req["ids"], req["key"], meta))
+            finally:
+                pool.release(i)
+            return req["key"] if ok else None
+        except ray.exceptions.RayError:
+            return None
+
+    def run_problem(self, problem: dict) -> dict:
+        """Agents then judge for one problem; a failure becomes a ``status: failed`` record."""
+        t0 = time.perf_counter()
+        text = problem["prompt"]
+        plan = ProblemPlan(self.topology, text)
+        results: dict[str, dict] = {}
+        rep = self.reporter
+        try:
+            with ThreadPoolExecutor(max_workers=len(self.specs), thread_name_prefix="agent") as pool:
+                futures: dict[Future, dict] = {}
+                while not plan.done:
+                    for req in plan.ready():
+                        rep.agent(req["agent"], "generating", round=req["round"] + 1)
+                        futures[pool.submit(self._generate, req)] = req
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        self._finish_turn(plan, futures.pop(fut), fut, text, results)
+            agents = list(self.topology.agents)
+            candidates = [results[a]["text"] for a in agents]
+            verdict = ray.get(self.judge.judge_candidates.remote(text, candidates, agents))
+            record = {
+                "id": problem["id"],
+                "status": "ok",
+                "candidates": [results[a] for a in agents],
+                "verdict": verdict,
+                "winner_agent": agents[verdict["winner"] - 1],
+                "store": self.store_stats(),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # an actor that died twice, a task error: record it and go on
+            reason = " ".join(str(exc).split())
+            record = {"id": problem["id"], "status": "failed", "error": f"{type(exc).__name__}: {reason[:500]}",
+                      "candidates": list(results.values()), "elapsed_s": time.perf_counter() - t0}
+        return record
+
+    def _finish_turn(self, plan: ProblemPlan, req: dict, fut: Future, problem: str, results: dict) -> None:
+        agent = req["agent"]
+        try:
+            r = fut.result()
+        except Exception:
+            self.reporter.agent(agent, "failed")
+            raise
+        if req["final"] and self.specs[agent].model == self.judge_model:
+            r["store_key"] = self._publish(agent, problem, r["text"])
+        results[agent] = r
+        plan.answer(agent, r["text"])
+        self.reporter.agent(agent, "done", tokens=r["tokens"], tokens_per_s=r["tokens_per_s"])
+
+
+def default_concurrency(topology: Topology, replicas: int) -> int:
+    """Enough problems in flight to keep every replica busy: each problem has at most one request
+    per agent outstanding, and a replica batches what it gets."""
+    return max(1, min(64, 2 * replicas * len(topology.agents)))
+
+
+def run(
+    topology: Topology,
+    problems: list[dict],
+    out_dir: Path,
+    *,
+    model: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    reporter: Reporter,
+    concurrency: int | None = None,
+    replicas: int | str | None = None,
+) -> dict:
+    """Run ``problems`` through ``topology``; returns ``{"done", "failed", "skipped", "results"}``."""
+    results = ResultsLog(Path(out_dir) / "results.jsonl", key=lambda r: str(r["id"]))
+    try:
+        if results.records and not resume:
+            raise RunError(f"{results.path} exists: pass --resume to continue it, or choose another --out")
+        skip = {str(r["id"]) for r in results.records if r.get("status") == "ok"} if resume else set()
+        todo = [p for p in problems if str(p["id"]) not in skip]
+        counts = {"done": 0, "failed": 0, "skipped": len(problems) - len(todo), "results": str(results.path)}
+        if not todo:
+            return counts
+        pub = MetricsPublisher(reporter)
+        locked = _Locked(pub)
+        orch = Orchestrator(topology, model=model, address=address, replicas=replicas, reporter=locked)
+        try:
+            info = orch.start()
+            total = sum(len(p.actors) for p in orch.pools.values())
+            width = concurrency or default_concurrency(topology, total)
+            locked.start({"name": topology.name, "total": len(todo), "agents": list(topology.agents),
+                          "edges": [[e.source, e.target] for e in topology.edges],
+                          "replicas": orch.replicas_view(), "concurrency": width,
+                          "method": topology.judge.method, "judge_node": info.get("device", "?"),
+                          "model": orch.judge_model})
+            _drive(orch, todo, results, counts, width, locked)
+        finally:
+            locked.close()
+            orch.stop()
+        return counts
+    finally:
+        results.close()
+
+
+def _drive(orch: Orchestrator, todo: list[dict], results: ResultsLog, counts: dict, width: int,
+           reporter: Any) -> None:
+    """Keep ``width`` problems in flight; append each record as its problem finishes."""
+    queue = list(reversed(todo))
+    in_flight: dict[Future, dict] = {}
+    pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="problem")
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < width:
+                p = queue.pop()
+                in_flight[pool.submit(orch.run_problem, p)] = p
+            reporter.status(in_flight=len(in_flight), replicas=orch.replicas_view())
+            done, _ = wait(in_flight, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                in_flight.pop(fut)
+                record = fut.result()
+                results.append(record)
+                counts["done" if record["status"] == "ok" else "failed"] += 1
+                reporter.problem(record)
+            if done:
+                reporter.status(store_restarts=orch.store_restarts)
+    finally:
+        # Ctrl-C or an error: records already appended stay; problems still running are dropped
+        # (the Ray shutdown that follows unblocks their threads)
+        pool.shutdown(wait=False, cancel_futures=True)
