@@ -25,8 +25,7 @@ from kvjudge.agents.batching import BatchQueue
 from kvjudge.agents.generate import GenRequest, Generation, Generator
 from kvjudge.agents.sim import SimGenerator
 from kvjudge.cache.encoder import segment_key
-from kvjudge.cache.store import call, to_host
-from kvjudge.cache.store_actor import get_store
+from kvjudge.cache.store_actor import get_store, put_segment
 from kvjudge.models import load_model
 from kvjudge.models.sim import is_sim_spec, parse_sim_spec
 
@@ -77,6 +76,7 @@ class _AgentActorImpl:
         store refused it.
         """
         publish = bool(request.get("publish_agent_kv", False))
+        self._check_length(request["prompt"], int(request.get("max_new_tokens", 128)))
         g: Generation = self.batcher.submit(GenRequest(
             request["prompt"],
             max_new_tokens=int(request.get("max_new_tokens", 128)),
@@ -90,7 +90,7 @@ class _AgentActorImpl:
         if publish and self.store is not None and g.agent_kv is not None:
             key = segment_key(self.gen.model_id, g.prompt_ids, g.token_ids)
             meta = {"model_id": self.gen.model_id, "agent": request["agent"], "kind": "agent"}
-            if not call(self.store, "put", key, to_host(g.agent_kv), meta):
+            if not put_segment(self.store, key, g.agent_kv, meta):  # a lost put is a miss later, not an error
                 key = None
         return {
             "agent": request["agent"],
@@ -106,12 +106,22 @@ class _AgentActorImpl:
             "store_key": key,
         }
 
+    def _check_length(self, prompt: str, max_new_tokens: int) -> None:
+        """A prompt the model cannot hold fails this request with the reason (never a hang)."""
+        limit = getattr(getattr(getattr(self.gen, "lm", None), "model", None), "config", None)
+        limit = getattr(limit, "max_position_embeddings", None)
+        if not limit:
+            return
+        n = len(self.gen.prompt_ids(prompt))
+        if n >= limit:
+            raise ValueError(f"prompt has {n} tokens, more than the model's {limit} positions")
+
     def encode(self, context_ids: list[int], ids: list[int], key: str, meta: dict | None = None) -> bool:
         """Encode ``ids`` after ``context_ids`` and put the segment into the store under ``key``."""
         if self.store is None:
             return False
         seg = self.gen.encode(list(context_ids), list(ids))
-        return bool(call(self.store, "put", key, to_host(seg), {**(meta or {}), "model_id": self.gen.model_id}))
+        return put_segment(self.store, key, seg, {**(meta or {}), "model_id": self.gen.model_id})
 
     def stats(self) -> dict:
         """Batching counters (``batches``, ``items``, ``mean_batch``, ``last_batch``, ``busy_s``) and

@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
 from kvjudge.judges.catalog import METHOD_ORDER
 
 MAX_TEXT_BYTES = 1 << 20  # what ``@path`` may read
@@ -72,6 +73,16 @@ def _add_model(p: argparse.ArgumentParser, default: str = "tiny-llama") -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
+def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None:
+    p.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default=default_kv,
+                   help="where candidate KV comes from: agent (as the agent computed it while writing), isolated "
+                        "(encoded alone from position 0) or judge_prefix (encoded after the judge's prefix)"
+                        + (f" (default {default_kv})" if default_kv else " (default: the topology's)"))
+    p.add_argument("--judge-output", choices=OUTPUT_MODES, default=None,
+                   help="label: read the label's log-probability; generate: decode an answer and parse the number")
+    p.add_argument("--judge-max-tokens", type=int, default=None, help="tokens a generated judge answer may take (256)")
+
+
 def build_parser() -> Parser:
     methods = ", ".join(METHOD_ORDER)
     root = Parser(prog="kvjudge", description="Multi-agent LLM pipelines with a KV-reusing judge.")
@@ -82,6 +93,10 @@ def build_parser() -> Parser:
     j.add_argument("--method", default="dense", help=f"one of: {methods}")
     j.add_argument("--problem", required=True, help="problem text, or @file")
     j.add_argument("--candidate", action="append", default=[], help="a candidate text or @file (repeat)")
+    j.add_argument("--agent-prompt", action="append", default=[],
+                   help="with --candidate-kv agent: the prompt the agent answered (one for all, or one per "
+                        "candidate, in order; @file allowed)")
+    _add_judge_modes(j, "judge_prefix")
     j.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     j.set_defaults(func=cmd_judge)
 
@@ -101,6 +116,7 @@ def build_parser() -> Parser:
                    help="problems in flight (default: enough to keep every agent replica busy)")
     r.add_argument("--replicas", default=None, help="agent actors per model: N or auto (default: the topology's)")
     r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
+    _add_judge_modes(r, None)
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="DG-JKR evaluation protocol: generate once, judge under shuffles, report")
@@ -117,6 +133,10 @@ def build_parser() -> Parser:
     e.add_argument("--data", default=None, help="read the data set from this JSONL(.gz) instead of its package")
     e.add_argument("--out", default=None, help="output folder (default runs/eval-<dataset>)")
     e.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and judge only what is missing")
+    _add_judge_modes(e, "agent")
+    e.add_argument("--gate-arm", default="naive", help="the random gate's reuse arm: naive, kvcomm or pal_kv")
+    e.add_argument("--unsafe-exec", action="store_true",
+                   help="grade generated code even when no sandbox isolation is available (not recommended)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("dashboard", help="attach to the live dashboard of a run on a Ray cluster")
@@ -132,6 +152,8 @@ def build_parser() -> Parser:
     bj.add_argument("--candidate-tokens", type=int, default=256)
     bj.add_argument("--repeats", type=int, default=5)
     bj.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated methods (default all)")
+    bj.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="judge_prefix",
+                    help="where candidate KV comes from (default judge_prefix)")
     bj.add_argument("--json", action="store_true")
     bj.set_defaults(func=cmd_bench_judge)
     return root
@@ -149,16 +171,33 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     make_method(args.method)  # unknown method: fail before loading a model
     problem = read_text(args.problem)
-    candidates = [read_text(c) for c in args.candidate]
-    if not candidates:
+    texts = [read_text(c) for c in args.candidate]
+    if not texts:
         raise JudgeInputError("no candidates to judge: give at least one --candidate")
-    judge = Judge(load_model(args.model, device=args.device), method=args.method)
+    candidates = _with_agent_prompts(texts, [read_text(p) for p in args.agent_prompt], args.candidate_kv)
+    judge = Judge(load_model(args.model, device=args.device), method=args.method, candidate_kv=args.candidate_kv,
+                  output=args.judge_output or "label", max_new_tokens=args.judge_max_tokens or 256)
     verdict = judge.judge(problem, candidates)
     if args.json:
         print(json.dumps(verdict.to_dict()))
     else:
-        Console().print(verdict_table(verdict, candidates))
+        Console().print(verdict_table(verdict, texts))
     return 0
+
+
+def _with_agent_prompts(texts: list[str], prompts: list[str], mode: str) -> list:
+    """The candidates of ``kvjudge judge``: texts, with their agents' prompts in ``agent`` mode."""
+    if mode != "agent":
+        if prompts:
+            raise UserError("--agent-prompt only applies with --candidate-kv agent")
+        return texts
+    if not prompts:
+        raise UserError("--candidate-kv agent needs the agents' prompts: give --agent-prompt TEXT (one for all, "
+                        "or one per candidate)")
+    if len(prompts) not in (1, len(texts)):
+        raise UserError(f"{len(prompts)} --agent-prompt for {len(texts)} candidates: give one, or one per candidate")
+    prompts = prompts * len(texts) if len(prompts) == 1 else prompts
+    return [{"text": t, "agent_prompt": p} for t, p in zip(texts, prompts)]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -193,6 +232,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     positive("concurrency", args.concurrency)
     replicas = _replicas(args.replicas)
     topo = load_topology(resolve_topology(args.file))
+    modes = {k: v for k, v in (("candidate_kv", args.candidate_kv), ("output", args.judge_output),
+                               ("max_tokens", args.judge_max_tokens)) if v is not None}
+    if modes:
+        positive("judge-max-tokens", args.judge_max_tokens)
+        topo = topo.model_copy(update={"judge": topo.judge.model_copy(update=modes)})
     problems = load_problems(args.problems, args.limit)
     out = Path(args.out) if args.out else default_out(topo.name)
     try:
@@ -221,7 +265,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset, out=Path(args.out) if args.out else default_out(args.dataset, "eval-"),
         topology=args.topology, model=args.model, methods=args.methods, seeds=args.seeds, limit=args.limit,
         candidates=Path(args.candidates).expanduser() if args.candidates else None, data=args.data,
-        resume=args.resume, device=args.device,
+        resume=args.resume, device=args.device, candidate_kv=args.candidate_kv,
+        judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
+        gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec,
     )
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
     reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
@@ -264,7 +310,7 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
     for flag in ("candidates", "candidate_tokens", "repeats"):
         positive(flag.replace("_", "-"), getattr(args, flag))
     result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods, args.device,
-                         progress=not args.json)
+                         progress=not args.json, candidate_kv=args.candidate_kv)
     if args.json:
         print(json.dumps(result))
     else:

@@ -15,7 +15,7 @@ def _preview(text: str, width: int = 48) -> str:
 def verdict_table(verdict: Verdict, candidates: list[str]) -> Table:
     """Candidates with their label log-probabilities; the winner is marked."""
     title = (
-        f"{verdict.method}: winner #{verdict.winner}  ·  {'reused KV' if verdict.reused else 'dense prefill'}"
+        f"{verdict.method}: winner #{verdict.winner if verdict.winner is not None else '? (unparseable)'}  ·  {'reused KV' if verdict.reused else 'dense prefill'}"
         f"  ·  {verdict.latency_ms:.1f} ms  ·  {verdict.prefilled_tokens} tokens prefilled"
     )
     if verdict.decision:
@@ -24,9 +24,12 @@ def verdict_table(verdict: Verdict, candidates: list[str]) -> Table:
     table.add_column("#", justify="right")
     table.add_column("log p(label)", justify="right")
     table.add_column("candidate")
-    for i, (score, text) in enumerate(zip(verdict.scores, candidates), start=1):
+    scores = verdict.scores or [None] * len(candidates)  # generated output has no label scores
+    for i, (score, text) in enumerate(zip(scores, candidates), start=1):
         mark = "bold green" if i == verdict.winner else ""
-        table.add_row(str(i), f"{score:.4f}", _preview(text), style=mark)
+        table.add_row(str(i), f"{score:.4f}" if score is not None else "-", _preview(text), style=mark)
+    if verdict.answer_text is not None:
+        table.caption += f"\njudge wrote ({verdict.parse_rule}): {_preview(verdict.answer_text, 200)}"
     return table
 
 

@@ -50,6 +50,7 @@ class KVStore:
         self._bytes = 0
         self._lock = threading.RLock()
         self.hits = self.misses = self.evictions = self.puts = self.rejected = 0
+        self._read_by_node: Counter = Counter()  # bytes handed out by get, by where they live
         self.started_at = time.time()  # a restarted store actor shows a new value (the runner counts restarts)
 
     @property
@@ -90,6 +91,7 @@ class KVStore:
                 self.misses += 1
                 return None
             self.hits += 1
+            self._read_by_node[str(getattr(item[0], "node", None) or "here")] += item[1]
             self._policy.touch(key)
             return item[0]
 
@@ -118,7 +120,9 @@ class KVStore:
             return list(self._items)
 
     def stats(self) -> dict:
-        """Counters, plus ``bytes_by_node``: where the stored bytes live (values with a ``node``)."""
+        """Counters, plus ``bytes_by_node``: where the stored bytes live (values with a ``node``), and
+        ``bytes_read_by_node``: the bytes :meth:`get` handed out so far, by where they live (for a
+        :class:`~kvjudge.cache.store_actor.SegmentRef`, what readers pull from that node)."""
         with self._lock:
             by_node: Counter = Counter()
             for value, size, _ in self._items.values():
@@ -133,6 +137,7 @@ class KVStore:
                 "puts": self.puts,
                 "rejected": self.rejected,
                 "bytes_by_node": dict(by_node),
+                "bytes_read_by_node": dict(self._read_by_node),
                 "started_at": self.started_at,
             }
 

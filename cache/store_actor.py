@@ -20,11 +20,18 @@ create and own the store, and killing that agent would take every cached segment
 Where the bytes live
 --------------------
 :func:`put_segment` does not send a segment to the store actor: the producer puts it (``ray.put``) into
-the object store of its own node, with the store actor as the object's owner (so the object outlives
-the producer), and hands the actor only a :class:`SegmentRef` (the ref, its size and node). The
-actor keeps the directory (key -> ref, bytes, meta, eviction state) and enforces the byte budget by
-dropping refs; :func:`get_segment` gets the ref from the actor and pulls the bytes straight from the
-producing node. No segment byte passes through the actor's heap. A store that died and restarted
+the object store of its own node and hands the actor only a :class:`SegmentRef` (the ref, its size
+and node). Ray >= 2.56 has no ``ray.put(..., _owner=...)``, so the actor adopts the object instead:
+it asks the producing actor (through the ``__ray_call__`` every Ray actor has) to return the object
+it put, and keeps the result: a copy on the producer's own node, owned by the store actor, so the
+segment outlives the producer (an agent that dies does not take its segments along). The actor never
+resolves either ref. Two exceptions keep the producer as owner: a producer that is not an actor (a
+task, the driver), and segments under ``ADOPT_MIN_BYTES`` (Ray inlines such small returns into the
+caller's memory, which would put their bytes in the store actor).
+
+The actor keeps the directory (key -> ref, bytes, meta, eviction state) and enforces the byte budget
+by dropping refs; :func:`get_segment` gets the ref from the actor and pulls the bytes straight from
+the producing node. No segment byte passes through the actor's heap. A store that died and restarted
 (``max_restarts=-1``) starts empty: every failed put or get is a miss, never an error, so losing
 cached KV costs only the time to re-encode it.
 
@@ -36,7 +43,7 @@ By default torch serializes a CPU tensor's storage in-band (one copy on put, one
 ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in the environment (set before ``ray.init``), Ray reduces
 CPU tensors to numpy byte arrays carried as pickle-5 out-of-band buffers, so a reader maps them
 from shared memory without a copy (such tensors are read-only: clone before editing in place).
-Either way the actor keeps its own deserialized copy on its heap, which the byte budget counts.
+The byte budget counts each segment's ``SegmentRef.nbytes``, wherever its bytes live.
 """
 
 from __future__ import annotations
@@ -56,30 +63,50 @@ DEFAULT_STORE_NAME = "kvjudge-store"
 _PINNED: dict[tuple[str | None, str], Any] = {}
 
 
-# num_cpus=0: the store is I/O bound and must not take a CPU slot from agents on small machines.
-# max_restarts=-1: a store that dies comes back (empty); callers treat what it lost as misses.
-KVStoreActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(KVStore)
-
 GET_TIMEOUT_S = 30.0
+ADOPT_MIN_BYTES = 100 * 1024  # Ray's default max_direct_call_object_size: smaller returns are inlined
 
 
 @dataclass
 class SegmentRef:
     """What the store actor holds for a segment: a ref (in a list, so Ray does not resolve it in
-    transit), the segment's size and the node whose object store has the bytes."""
+    transit), the segment's size and the node whose object store has the bytes; ``holder`` is the
+    producing actor until the store adopted the object (then ``None``)."""
 
     refs: list
     nbytes: int
     node: str
+    holder: Any = None
+
+
+def _identity(actor: Any, segment: Any) -> Any:
+    return segment
+
+
+class _StoreActorImpl(KVStore):
+    """:class:`KVStore` whose :meth:`put` adopts a :class:`SegmentRef`'s object (see the module doc)."""
+
+    def put(self, key: str, segment: Any, meta: dict | None = None) -> bool:
+        if isinstance(segment, SegmentRef) and segment.holder is not None:
+            owned = segment.holder.__ray_call__.remote(_identity, segment.refs[0])
+            segment = SegmentRef([owned], segment.nbytes, segment.node)
+        return super().put(key, segment, meta)
+
+
+# num_cpus=0: the store is I/O bound and must not take a CPU slot from agents on small machines.
+# max_restarts=-1: a store that dies comes back (empty); callers treat what it lost as misses.
+KVStoreActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(_StoreActorImpl)
 
 
 def put_segment(store: Any, key: str, segment: KVSegment, meta: dict | None = None) -> bool:
-    """Put ``segment`` into the object store of this node, owned by ``store``, and register it under
+    """Put ``segment`` into the object store of this node, adopted by ``store``, and register it under
     ``key``; ``False`` (a miss later, never an error) when the store refuses it or is unreachable."""
     seg = to_host(segment)
     try:
-        ref = ray.put(seg, _owner=store)
-        entry = SegmentRef([ref], int(seg.nbytes), ray.get_runtime_context().get_node_id())
+        ctx = ray.get_runtime_context()
+        ref = ray.put(seg)
+        holder = ctx.current_actor if ctx.get_actor_id() and seg.nbytes >= ADOPT_MIN_BYTES else None
+        entry = SegmentRef([ref], int(seg.nbytes), ctx.get_node_id(), holder)
         return bool(ray.get(store.put.remote(key, entry, meta), timeout=GET_TIMEOUT_S))
     except Exception:  # a dead or restarting store: the KV is simply not shared this time
         return False
@@ -149,6 +176,7 @@ def kill_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> 
 
 
 __all__ = [
+    "ADOPT_MIN_BYTES",
     "DEFAULT_STORE_NAME",
     "KVStoreActor",
     "SegmentRef",

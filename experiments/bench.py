@@ -41,15 +41,22 @@ def bench_judge(
     methods: list[str],
     device: str | None = None,
     progress: bool = True,
+    candidate_kv: str = "judge_prefix",
 ) -> dict:
-    """Time ``methods`` (dense always included); returns ``{"config", "methods": {name: row}}``."""
+    """Time ``methods`` (dense always included); returns ``{"config", "methods": {name: row}}``.
+
+    In ``agent`` candidate-KV mode each synthetic candidate comes with a synthetic agent prompt, and
+    its KV is the agent's (prompt + answer encoded once, as the store would hold it)."""
     names = ["dense"] + [m for m in methods if m != "dense"]
     for name in names:
         make_method(name)
     lm = load_model(model, device=device)
-    judge = Judge(lm)
+    judge = Judge(lm, candidate_kv=candidate_kv)
     tok = lm.tokenizer
     texts = [synthetic_text(tok, candidate_tokens, seed=i) for i in range(candidates)]
+    if candidate_kv == "agent":
+        texts = [{"text": t, "agent_prompt": f"Agent {i + 1}: {synthetic_text(tok, 48, seed=100 + i)}"}
+                 for i, t in enumerate(texts)]
     problem = "Pick the candidate that best summarises the notes below."
     warm = [
         "Write a function that reverses the words of a sentence, keeping punctuation in place.",
@@ -91,5 +98,6 @@ def bench_judge(
         "repeats": repeats,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "candidate_kv": candidate_kv,
     }
     return {"config": config, "methods": rows}

@@ -15,19 +15,35 @@ from kvjudge.experiments.config import EvalConfig
 from kvjudge.experiments.data import iter_jsonl
 from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.results import read_records
+from kvjudge.topologies.plan import ProblemPlan
 from kvjudge.topologies.runner import RunError, run
-from kvjudge.topologies.schema import JudgeSpec
+from kvjudge.topologies.schema import JudgeSpec, Topology
 from kvjudge.topologies.telemetry import Reporter
 
 
 @dataclass
 class CandidateSet:
-    """One problem's candidates (original order) and the agent that wrote each."""
+    """One problem's candidates (original order), the agent that wrote each, and what each agent's KV
+    was computed under: its prompt text (any model), and its prompt and answer token ids under
+    ``model_id`` (a judge on that very model rebuilds the agent KV from them exactly)."""
 
     task_id: str
     candidates: list[str]
     sources: list[str]
     problem: str | None = None
+    agent_prompts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    prompt_ids: list[list[int]] | None = None
+    model_id: str | None = None
+
+    def candidate(self, i: int, model_id: str | None = None) -> dict:
+        """Candidate ``i`` for an ``agent``-mode judge on ``model_id`` (a :class:`Candidate` as a dict)."""
+        if self.token_ids and self.prompt_ids and model_id and model_id == self.model_id:
+            return {"text": self.candidates[i], "token_ids": self.token_ids[i], "prompt_ids": self.prompt_ids[i]}
+        if self.agent_prompts:
+            return {"text": self.candidates[i], "agent_prompt": self.agent_prompts[i]}
+        raise ValueError(f"candidates of {self.task_id!r} have no \"agent_prompts\": the agent candidate-KV mode "
+                         "needs each candidate's agent prompt (use --candidate-kv judge_prefix or isolated)")
 
 
 def load_candidates(path: str | Path) -> dict[str, CandidateSet]:
@@ -49,8 +65,17 @@ def load_candidates(path: str | Path) -> dict[str, CandidateSet]:
         problem = rec.get("problem")
         if problem is not None and not isinstance(problem, str):
             raise ValueError(f"{path}:{n}: \"problem\" must be a string")
+        extra = {}
+        for key, kind in (("agent_prompts", str), ("token_ids", list), ("prompt_ids", list)):
+            value = rec.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or len(value) != len(cands) or not all(isinstance(v, kind) for v in value):
+                raise ValueError(f"{path}:{n}: \"{key}\" must be a list with one entry per candidate")
+            extra[key] = value
         tid = str(rec["task_id"])
-        out[tid] = CandidateSet(tid, list(cands), [str(s) for s in sources], problem)
+        out[tid] = CandidateSet(tid, list(cands), [str(s) for s in sources], problem,
+                                model_id=rec.get("model_id"), **extra)
     if not out:
         raise ValueError(f"--candidates: {path} holds no candidates")
     return out
@@ -63,18 +88,44 @@ def write_candidates(path: Path, sets: Iterable[CandidateSet]) -> None:
     with tmp.open("w", encoding="utf-8") as fh:
         for cs in sets:
             line = {"task_id": cs.task_id, "candidates": cs.candidates, "sources": cs.sources}
-            if cs.problem is not None:
-                line["problem"] = cs.problem
+            for key in ("problem", "agent_prompts", "token_ids", "prompt_ids", "model_id"):
+                if getattr(cs, key) is not None:
+                    line[key] = getattr(cs, key)
             fh.write(json.dumps(line) + "\n")
     tmp.replace(path)
+
+
+def with_agent_prompts(sets: dict[str, CandidateSet], problems: dict[str, str], topology: Topology) -> int:
+    """Fill in the agent prompts of sets that lack them, rebuilt from ``topology``'s templates and the
+    sets' own answers (the prompts are a pure function of the problem and the upstream answers, see
+    :mod:`kvjudge.topologies.plan`); returns how many sets were filled. Only one-round topologies
+    whose candidates are every agent's answer in topology order can be rebuilt this way."""
+    agents = list(topology.agents)
+    filled = 0
+    for tid, cs in sets.items():
+        if cs.agent_prompts is not None or tid not in problems:
+            continue
+        if topology.rounds != 1 or cs.sources != agents:
+            raise ValueError(f"candidates of {tid!r} have no agent prompts and cannot be rebuilt from topology "
+                             f"{topology.name!r} (needs one round and sources {agents}); use --candidate-kv "
+                             "judge_prefix or isolated")
+        plan, prompts = ProblemPlan(topology, problems[tid]), {}
+        while not plan.done:
+            for req in plan.ready():
+                prompts[req["agent"]] = req["prompt"]
+                plan.answer(req["agent"], cs.candidates[agents.index(req["agent"])])
+        cs.agent_prompts = [prompts[a] for a in agents]
+        filled += 1
+    return filled
 
 
 def generate_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter) -> None:
     """Run ``problems`` through the topology on Ray, appending to ``OUT/generation/results.jsonl``
     (resumable); :func:`generated_sets` reads what it produced."""
     topo = load_topology(resolve_topology(cfg.topology))
-    # The pipeline's own judge is not what we measure: dense keeps generation cheap.
-    topo = topo.model_copy(update={"judge": JudgeSpec(method="dense")})
+    # The pipeline's own judge is not what we measure: dense keeps generation cheap, and "agent" KV mode
+    # asks the agents for no extra prefill (what the eval needs of them is their prompt and answer ids).
+    topo = topo.model_copy(update={"judge": JudgeSpec(method="dense", candidate_kv="agent")})
     try:
         run(topo, problems, cfg.out / "generation", model=cfg.model, resume=cfg.resume, reporter=reporter)
     except RunError as exc:
@@ -95,7 +146,16 @@ def generated_sets(gen_dir: Path, problems: dict[str, str] | None = None) -> dic
             continue
         cands = rec["candidates"]
         tid = str(rec["id"])
-        sets[tid] = CandidateSet(tid, [c["text"] for c in cands],
-                                 [str(c.get("agent", f"candidate-{i + 1}")) for i, c in enumerate(cands)],
-                                 (problems or {}).get(tid))
+        has = lambda key: all(c.get(key) is not None for c in cands)  # noqa: E731
+        models = {c.get("model_id") for c in cands}
+        ids_ok = has("token_ids") and has("prompt_ids") and len(models) == 1
+        sets[tid] = CandidateSet(
+            tid, [c["text"] for c in cands],
+            [str(c.get("agent", f"candidate-{i + 1}")) for i, c in enumerate(cands)],
+            (problems or {}).get(tid),
+            agent_prompts=[c["agent_prompt"] for c in cands] if has("agent_prompt") else None,
+            token_ids=[c["token_ids"] for c in cands] if ids_ok else None,
+            prompt_ids=[c["prompt_ids"] for c in cands] if ids_ok else None,
+            model_id=next(iter(models)) if ids_ok else None,
+        )
     return sets

@@ -6,7 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvjudge.judges.candidate import check_mode
 from kvjudge.judges.catalog import METHOD_ORDER
+
+ARMS = ("naive", "kvcomm", "pal_kv")  # the random gate's possible reuse arms
 
 DEFAULT_METHODS: tuple[str, ...] = METHOD_ORDER
 DEFAULT_SEEDS: tuple[int, ...] = (42, 123, 456)
@@ -28,6 +31,10 @@ class EvalConfig:
     data: str | None = None
     resume: bool = False
     device: str | None = None
+    candidate_kv: str = "agent"  # the papers' setting: the KV each agent computed while writing
+    judge_output: str = "label"
+    judge_max_tokens: int = 256
+    gate_arm: str = "naive"  # the random gate's reuse arm
     unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
 
     def __post_init__(self) -> None:
@@ -37,6 +44,9 @@ class EvalConfig:
         self.seeds = tuple(parse_seeds(self.seeds))
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        check_mode(self.candidate_kv, self.judge_output, self.judge_max_tokens)
+        if self.gate_arm not in ARMS:
+            raise ValueError(f"--gate-arm must be one of {', '.join(ARMS)}, not {self.gate_arm!r}")
 
 
 def parse_methods(spec: str | Iterable[str]) -> list[str]:

@@ -23,29 +23,39 @@ from kvjudge.experiments.data import (
     load_humaneval,
     load_mmlu,
 )
-from kvjudge.experiments.sandbox import check_humaneval
+from kvjudge.experiments.sandbox import check_humaneval, isolation_level, require_isolation
 
 
 @dataclass(frozen=True)
 class Dataset:
     """A benchmark: ``load(path=None, limit=None) -> [{"id", "prompt", "answer", ...}]`` and
-    ``grade(problem, text) -> bool``; ``sandboxed`` graders run untrusted code (in parallel)."""
+    ``grade(problem, text, unsafe_exec) -> bool``; ``sandboxed`` graders run untrusted code (in parallel,
+    refused without sandbox isolation unless ``unsafe_exec``)."""
 
     name: str
     load: Callable[..., list[dict]]
-    grade: Callable[[dict, str], bool]
+    grade: Callable[[dict, str, bool], bool]
     sandboxed: bool = False
 
 
-def _grade_humaneval(problem: dict, text: str) -> bool:
-    return check_humaneval(problem, text).passed
+def _grade_humaneval(problem: dict, text: str, unsafe_exec: bool = False) -> bool:
+    return check_humaneval(problem, text, unsafe_exec=unsafe_exec).passed
 
 
 DATASETS: dict[str, Dataset] = {
     "humaneval": Dataset("humaneval", load_humaneval, _grade_humaneval, sandboxed=True),
-    "gsm8k": Dataset("gsm8k", load_gsm8k, lambda p, text: check_gsm8k(text, p["answer"])),
-    "mmlu": Dataset("mmlu", load_mmlu, lambda p, text: check_mmlu(text, p["answer"])),
+    "gsm8k": Dataset("gsm8k", load_gsm8k, lambda p, text, unsafe_exec=False: check_gsm8k(text, p["answer"])),
+    "mmlu": Dataset("mmlu", load_mmlu, lambda p, text, unsafe_exec=False: check_mmlu(text, p["answer"])),
 }
+
+
+def sandbox_for(dataset: str, unsafe_exec: bool = False) -> str | None:
+    """The isolation level grading ``dataset`` will run at (``None``: it runs no code); a one-line
+    error when its code would run unisolated and ``unsafe_exec`` was not given."""
+    if not get_dataset(dataset).sandboxed:
+        return None
+    require_isolation(unsafe_exec)
+    return isolation_level()
 
 
 def get_dataset(name: str) -> Dataset:
@@ -87,12 +97,12 @@ def load_problems(spec: str, limit: int | None = None) -> list[dict]:
 
 
 def grade_candidates(dataset: str, problems: Sequence[dict], candidates: dict[str, list[str]],
-                     workers: int = 2) -> dict[str, list[bool]]:
+                     workers: int = 2, unsafe_exec: bool = False) -> dict[str, list[bool]]:
     """Pass/fail of every candidate, once: ``{task_id: [passed per original candidate]}``."""
     ds = get_dataset(dataset)
     jobs = [(p, i, text) for p in problems for i, text in enumerate(candidates[str(p["id"])])]
     with ThreadPoolExecutor(max_workers=max(1, workers if ds.sandboxed else 1)) as pool:
-        results = list(pool.map(lambda job: bool(ds.grade(job[0], job[2])), jobs))
+        results = list(pool.map(lambda job: bool(ds.grade(job[0], job[2], unsafe_exec)), jobs))
     out = {str(p["id"]): [False] * len(candidates[str(p["id"])]) for p in problems}
     for (p, i, _), ok in zip(jobs, results):
         out[str(p["id"])][i] = ok

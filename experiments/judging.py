@@ -20,6 +20,7 @@ from kvjudge.experiments.config import PAPER_RANDOM_COVERAGE
 from kvjudge.experiments.summary import gate_accepted
 from kvjudge.judges.base import Verdict
 from kvjudge.judges.judge import Judge
+from kvjudge.judges.methods.random_gate import exact_coverage_choice
 from kvjudge.topologies.results import ResultsLog
 
 
@@ -53,16 +54,18 @@ def gate_seed(seed: int, task_id: str) -> int:
 
 def judge_record(task_id: str, seed: int, perm: list[int], verdict: Verdict, passes: list[bool], dense: dict | None,
             extra: dict | None = None) -> dict:
-    orig = to_original(perm, verdict.winner)
+    orig = None if verdict.winner is None else to_original(perm, verdict.winner)
     rec = {
         "task_id": task_id,
         "seed": seed,
         "method": verdict.method,
         "permutation": list(perm),
-        "winner_slot": int(verdict.winner),
+        "winner_slot": verdict.winner,
         "winner_original": orig,
-        "passed": bool(passes[orig]),
-        "consistent": True if dense is None else orig == dense["winner_original"],
+        "passed": orig is not None and bool(passes[orig]),
+        # None: this answer or dense's named no candidate (generated output); such records leave JCR
+        "consistent": (True if dense is None else
+                       None if orig is None or dense["winner_original"] is None else orig == dense["winner_original"]),
         "reused": bool(verdict.reused),
         "latency_ms": float(verdict.latency_ms),
         "decision": verdict.decision,
@@ -71,6 +74,10 @@ def judge_record(task_id: str, seed: int, perm: list[int], verdict: Verdict, pas
         "prefilled_tokens": int(verdict.prefilled_tokens),
         "encoded_tokens": int(verdict.encoded_tokens),
     }
+    if verdict.output != "label":
+        rec.update(output=verdict.output, answer_text=verdict.answer_text, parse_rule=verdict.parse_rule)
+    if verdict.candidate_kv != "judge_prefix":
+        rec["candidate_kv"] = verdict.candidate_kv
     if extra:
         rec.update(extra)
     return rec
@@ -97,60 +104,71 @@ def dg_coverage(log: ResultsLog, seed: int, task_ids: Sequence[str]) -> float | 
     return (sum(flags) / len(flags)) if flags else None
 
 
+def shown_candidates(cs: CandidateSet, perm: Sequence[int], candidate_kv: str,
+                     model_id: str | None = None) -> tuple[list, list[str]]:
+    """The candidates of ``cs`` in display order ``perm`` as the judge takes them, and their sources.
+
+    In ``agent`` mode each candidate carries what its KV was computed under: the agent's token ids when
+    the file has them for this judge's model, else its prompt text (one prefill of prompt + answer)."""
+    sources = [cs.sources[i] for i in perm]
+    if candidate_kv != "agent":
+        return [cs.candidates[i] for i in perm], sources
+    return [cs.candidate(i, model_id) for i in perm], sources
+
+
 def judge_all(judge: Judge, problems: Sequence[dict], sets: dict[str, CandidateSet], passes: dict[str, list[bool]],
               seeds: Sequence[int], methods: Sequence[str], log: ResultsLog,
-              progress: Callable[[str], None] | None = None) -> dict[int, float]:
+              progress: Callable[[str], None] | None = None, gate_arm: str = "naive") -> dict[int, float]:
     """Judge every (problem, seed, method) not already in ``log``; returns random_gate's coverage per seed.
 
     Per seed: dense, then DG-JKR, then the other methods, problem by problem on the same
     permutation; then the coverage-matched random gate over all problems.
     """
-    methods = list(methods)
     first = ["dense"] + (["dg_jkr"] if "dg_jkr" in methods else [])
     rest = first + [m for m in methods if m not in first and m != "random_gate"]
     task_ids = [str(p["id"]) for p in problems]
+    step = _Step(judge, sets, passes, log, progress)
     used: dict[int, float] = {}
-    warmed = False
     for seed in seeds:
         for p in problems:
-            tid = str(p["id"])
-            cs = sets[tid]
-            perm = permutation(seed, tid, len(cs.candidates))
-            shown = [cs.candidates[i] for i in perm]
-            sources = [cs.sources[i] for i in perm]
-            todo = [m for m in rest if (tid, seed, m) not in log]
-            if not todo:
-                continue
-            judge.prefetch(p["prompt"], shown)  # the store would hold these: not part of any latency
-            if not warmed:  # first-call overheads (kernels, allocator) out of the timed runs
-                judge.judge(p["prompt"], shown, method="dense", sources=sources)
-                warmed = True
-            for m in todo:
-                v = judge.judge(p["prompt"], shown, method=m, sources=sources)
-                log.append(judge_record(tid, seed, perm, v, passes[tid], log.get((tid, seed, "dense"))))
-                if progress:
-                    progress(f"seed {seed} {tid} {m}")
+            step.run(p, seed, [m for m in rest if (str(p["id"]), seed, m) not in log])
         if "random_gate" in methods:
             cov = dg_coverage(log, seed, task_ids) if "dg_jkr" in methods else None
-            cov = PAPER_RANDOM_COVERAGE if cov is None else cov
-            used[seed] = cov
-            for p in problems:
-                tid = str(p["id"])
-                if (tid, seed, "random_gate") in log:
-                    continue
-                cs = sets[tid]
-                perm = permutation(seed, tid, len(cs.candidates))
-                shown = [cs.candidates[i] for i in perm]
-                sources = [cs.sources[i] for i in perm]
-                judge.prefetch(p["prompt"], shown)
-                if not warmed:  # a resumed run that only judges the gate
-                    judge.judge(p["prompt"], shown, method="dense", sources=sources)
-                    warmed = True
-                gs = gate_seed(seed, tid)
-                judge.method("random_gate", coverage=cov, seed=gs)
-                v = judge.judge(p["prompt"], shown, method="random_gate", sources=sources)
-                log.append(judge_record(tid, seed, perm, v, passes[tid], log.get((tid, seed, "dense")),
-                                   {"coverage_target": cov, "gate_seed": gs}))
-                if progress:
-                    progress(f"seed {seed} {tid} random_gate")
+            used[seed] = cov = PAPER_RANDOM_COVERAGE if cov is None else cov
+            # exactly round(cov * n) records of this seed take the reuse arm; which ones is a seeded draw
+            gs = gate_seed(seed, "exact-coverage")
+            choice = exact_coverage_choice(len(problems), cov, gs)
+            gate = judge.method("random_gate", coverage=cov, seed=gs, arm=gate_arm)
+            for p, accept in zip(problems, choice):
+                if (str(p["id"]), seed, "random_gate") not in log:
+                    gate.accept = accept
+                    step.run(p, seed, ["random_gate"], {"coverage_target": cov, "gate_seed": gs})
     return used
+
+
+class _Step:
+    """Judges one problem under one seed's permutation with some methods, appending a record each."""
+
+    def __init__(self, judge: Judge, sets: dict[str, CandidateSet], passes: dict[str, list[bool]],
+                 log: ResultsLog, progress: Callable[[str], None] | None) -> None:
+        self.judge, self.sets, self.passes, self.log, self.progress = judge, sets, passes, log, progress
+        self.warmed = False
+
+    def run(self, problem: dict, seed: int, methods: list[str], extra: dict | None = None) -> None:
+        if not methods:
+            return
+        tid = str(problem["id"])
+        cs = self.sets[tid]
+        perm = permutation(seed, tid, len(cs.candidates))
+        mode = getattr(self.judge, "candidate_kv", "judge_prefix")
+        shown, sources = shown_candidates(cs, perm, mode, getattr(getattr(self.judge, "lm", None), "model_id", None))
+        self.judge.prefetch(problem["prompt"], shown)  # the store would hold these: not part of any latency
+        if not self.warmed:  # first-call overheads (kernels, allocator) out of the timed runs
+            self.judge.judge(problem["prompt"], shown, method="dense", sources=sources)
+            self.warmed = True
+        for m in methods:
+            v = self.judge.judge(problem["prompt"], shown, method=m, sources=sources)
+            dense = self.log.get((tid, seed, "dense"))
+            self.log.append(judge_record(tid, seed, perm, v, self.passes[tid], dense, extra))
+            if self.progress:
+                self.progress(f"seed {seed} {tid} {m}")

@@ -31,17 +31,19 @@ from kvjudge.experiments.candidates import (
     generated_sets,
     generation_records,
     load_candidates,
+    with_agent_prompts,
     write_candidates,
 )
 from kvjudge.experiments.config import PAPER_RANDOM_COVERAGE, EvalConfig
-from kvjudge.experiments.datasets import grade_candidates, load_dataset
-from kvjudge.experiments.judging import judge_all, record_key, running_metrics
+from kvjudge.experiments.datasets import grade_candidates, load_dataset, sandbox_for
+from kvjudge.experiments.judging import judge_all, record_key, running_metrics, shown_candidates
 from kvjudge.experiments.plots import write_plots
 from kvjudge.experiments.report import write_report
 from kvjudge.experiments.summary import summarize
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models import LoadedModel, load_model
+from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.results import ResultsLog
 from kvjudge.topologies.telemetry import Reporter
 
@@ -74,14 +76,18 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     """
     t_start, timings = time.perf_counter(), {}
     check_output(cfg)
+    sandbox = sandbox_for(cfg.dataset, cfg.unsafe_exec)  # refuse unisolated code execution before any work
+    if sandbox and verbose:
+        print(f"generated code is graded in the sandbox (isolation: {sandbox})", file=sys.stderr)
     problems = load_dataset(cfg.dataset, path=cfg.data, limit=None if cfg.candidates else cfg.limit)
     with _timed(timings, "generation_s"):
         problems, sets, source = collect_candidates(cfg, problems, reporter or _Silent(), verbose)
     with _timed(timings, "grading_s"):
-        passes = grade_candidates(cfg.dataset, problems, {t: s.candidates for t, s in sets.items()})
+        passes = grade_candidates(cfg.dataset, problems, {t: s.candidates for t, s in sets.items()},
+                                  unsafe_exec=cfg.unsafe_exec)
     with _timed(timings, "model_load_s"):
         lm = lm or load_model(cfg.model, device=cfg.device)
-        judge = Judge(lm)
+        judge = Judge(lm, candidate_kv=cfg.candidate_kv, output=cfg.judge_output, max_new_tokens=cfg.judge_max_tokens)
     problems, skipped = judgeable(judge, problems, sets)
     task_ids = [str(p["id"]) for p in problems]
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
@@ -91,7 +97,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         bar.start(todo, f"eval {cfg.dataset}")
         with _timed(timings, "judging_s"):
             used = judge_all(judge, problems, sets, passes, cfg.seeds, cfg.methods, log,
-                             lambda desc: bar.advance(f"{desc} · {running_metrics(log)}"))
+                             lambda desc: bar.advance(f"{desc} · {running_metrics(log)}"), gate_arm=cfg.gate_arm)
     finally:
         bar.close()
         log.close()
@@ -100,6 +106,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     summary = summarize(log, task_ids, cfg.seeds, cfg.methods, lengths)
     timings["total_s"] = time.perf_counter() - t_start
     config = run_config(cfg, lm, sets, task_ids, passes, source, used, skipped, timings)
+    config["sandbox_isolation"] = sandbox
     summary = {"config": config, **summary}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_plots(summary, cfg.out)
@@ -137,6 +144,9 @@ def collect_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter
         if not problems:
             raise ValueError(f"--candidates: no task_id of {cfg.candidates} is a {cfg.dataset} problem")
         problems = problems[: cfg.limit] if cfg.limit is not None else problems
+        if cfg.candidate_kv == "agent":  # files written before prompts were kept: rebuild them from the topology
+            with_agent_prompts({str(p["id"]): sets[str(p["id"])] for p in problems}, texts,
+                               load_topology(resolve_topology(cfg.topology)))
         if cfg.candidates.resolve() != cand_path.resolve():
             write_candidates(cand_path, [sets[str(p["id"])] for p in problems])
         return problems, sets, str(cfg.candidates)
@@ -162,8 +172,10 @@ def judgeable(judge: Judge, problems: list[dict], sets: dict[str, CandidateSet])
     skipped: dict[str, str] = {}
     usable = []
     for p in problems:
+        cs = sets[str(p["id"])]
+        shown, _ = shown_candidates(cs, range(len(cs.candidates)), judge.candidate_kv, judge.lm.model_id)
         try:
-            judge.case(p["prompt"], sets[str(p["id"])].candidates)
+            judge.case(p["prompt"], shown)
             usable.append(p)
         except JudgeInputError as exc:
             skipped[str(p["id"])] = str(exc)
@@ -183,6 +195,9 @@ def run_config(cfg: EvalConfig, lm: LoadedModel, sets: dict[str, CandidateSet], 
         "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),  # latencies on a CPU depend on it
         "methods": list(cfg.methods), "seeds": list(cfg.seeds), "limit": cfg.limit,
+        "candidate_kv": cfg.candidate_kv, "judge_output": cfg.judge_output,
+        "judge_max_tokens": cfg.judge_max_tokens if cfg.judge_output == "generate" else None,
+        "random_gate_arm": cfg.gate_arm if gate else None,
         "n_problems": len(task_ids), "n_candidates": sorted({len(sets[t].candidates) for t in task_ids}),
         "candidates": source, "data": cfg.data,
         "random_gate_coverage": {str(s): c for s, c in used.items()} or None,

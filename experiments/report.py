@@ -134,7 +134,8 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
     for m in order:
         r = ms[m]
         p = PAPER["table1"].get(m, {})
-        jcr = _pct(r["jcr"]) + (f" ± {100 * r['jcr_mean_std'][1]:.2f}" if m in ("random_gate", "dg_jkr") else "")
+        spread = m in ("random_gate", "dg_jkr") and r.get("jcr_mean_std")
+        jcr = _pct(r["jcr"]) + (f" ± {100 * r['jcr_mean_std'][1]:.2f}" if spread else "")
         rows.append([_name(m), _pct(r["pass_at_1"]), jcr, _pct(r["reuse_rate"]), _pct(r.get("coverage")),
                      p.get("pass_at_1", "–"), p.get("jcr", "–"), p.get("reuse_rate", "–"), p.get("coverage", "–")])
     lines += _table(["Method", "Pass@1 (%)", "JCR (%)", "Reuse Rate (%)", "Coverage (%)",
@@ -143,6 +144,13 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
     rows = [[_name(m), _ci(ms[m]["pass_at_1_ci"]), _ci(ms[m]["jcr_ci"]), _ci(ms[m]["reuse_rate_ci"]),
              _ci(ms[m].get("coverage_ci")), _ci(ms[m]["latency_ms_ci"], 1.0)] for m in order]
     lines += _table(["Method", "Pass@1", "JCR", "Reuse Rate", "Coverage", "Latency (ms)"], rows)
+    lines += ["", f"Candidate KV: **{cfg.get('candidate_kv', 'judge_prefix')}**; judge output: "
+                  f"**{cfg.get('judge_output', 'label')}**. Measured: the share of calls in which an anchor method "
+                  "measured a new anchor with a dense prefill (and answered from it). Unparseable: generated answers "
+                  "naming no candidate, left out of JCR.", ""]
+    rows = [[_name(m), _pct(ms[m].get("measured_rate")), str(ms[m].get("unparseable", 0)),
+             _pct(ms[m].get("unparseable_rate"))] for m in order]
+    lines += _table(["Method", "Measured (%)", "Unparseable", "Unparseable (%)"], rows)
 
     # Table 2
     lines += ["", "## Table 2: cross-regime generalization", ""]
@@ -186,6 +194,12 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
         ratio = "–" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.2f}×"
         rows.append([_name(m), f"{r['latency_ms']:.2f}", ratio, p[0], p[1]])
     lines += _table(["Method", "Latency (ms)", "Overhead vs. Dense", "Paper (ms)", "Paper overhead"], rows)
+    dg = ms.get("dg_jkr") or {}
+    if dg.get("latency_ms_parallel_arms") is not None:
+        lines += ["", f"DG-JKR as measured runs its arms one after the other ({dg['latency_ms']:.2f} ms). "
+                      "As the paper accounts it (both arms in parallel, dense only on fallback: "
+                      "max(naive, KVCOMM) + fallback rate x dense) it is "
+                      f"{dg['latency_ms_parallel_arms']:.2f} ms ({dg['latency_ratio_parallel_arms']:.2f}x dense)."]
 
     # Table 5
     part = summary.get("partition")
@@ -208,6 +222,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
         lines += ["", f"Mann-Whitney U (ours, per {part.get('unit', 'record')}, candidate lengths in judge tokens): "
                       f"mean length {t(part['mean_length_test'])}; length variance {t(part['length_variance_test'])}.",
                   f"Paper: {PAPER['table5_tests']}."]
+        pooled = summary.get("partition_pooled")
+        if pooled and pooled is not part and pooled.get("unit") != part.get("unit"):
+            lines += [f"Pooled over all seeds (per {pooled['unit']}): agreement {pooled['agreement']['count']}, "
+                      f"disagreement {pooled['disagreement']['count']}; mean length "
+                      f"{t(pooled['mean_length_test'])}; length variance {t(pooled['length_variance_test'])}."]
     else:
         lines.append("DG-JKR was not run: no partition.")
 

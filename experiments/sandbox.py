@@ -8,42 +8,47 @@
 * **T** (trusted harness): an ordinary child of the caller that never runs candidate code. It
   sends the program to U, runs ``tests_prelude`` (HumanEval: the prompt, for helpers such as
   ``poly``), waits for U's "ready", binds every name in ``expose`` to a proxy that calls U, runs
-  ``tests`` (HumanEval: ``test`` + ``check(entry_point)``) and writes its verdict, with a random
-  per-check token it got on its stdin, to a pipe that only it and the caller hold.
+  ``tests`` (HumanEval: ``test`` + ``check(entry_point)``; trusted code) and writes its verdict,
+  with a random per-check token it got on its stdin, to a pipe only it and the caller hold.
 
-A check is ``"passed"`` only when T's verdict line carries the token and says the tests ran to
-their end. Replies from U are decoded with ``json.loads`` and a strict tagged decoder into
-builtin types (frames <= 32 MiB), so the tests compare plain data: no ``__eq__`` of U's making,
-no pickle from U, nothing U sends is executed.
+A check is ``"passed"`` only when T's verdict carries the token and says the tests ran to their
+end. Replies from U are decoded with ``json.loads`` and a strict tagged decoder into builtin types
+(frames <= 32 MiB), so the tests compare plain data: no ``__eq__`` of U's making, no pickle from
+U, nothing U sends is executed. Without ``tests``, "passed" only means that U reported reaching
+the end of ``code``: U's own word, no integrity claim.
 
 **What an attacker (the candidate code) can do**: anything inside U: read or patch U's globals,
-frames, ``gc``, ``ctypes``, its fds and ``/proc/self``; write to the request/reply pipes; exit
-with any status; return any plain value (e.g. answers looked up in a test file it can read: the
-filesystem is readable). **What it cannot do**: reach T or the caller. No secret exists in U (the
-token lives only in T and the caller), U's only fds are its pipes to T and its output files, T
-runs no code from U and does not share U's process, namespaces or uid; T is also
-non-dumpable (no ``ptrace`` or ``/proc/<pid>/mem`` by the same user). Forging a pass would need a
-verdict line with the token on T's private pipe, or T's tests passing on the plain values U
-returns, which is solving the task. An exit of U (``os._exit(0)``, a signal, ``SystemExit`` in
-a call) at any point is a failure, even if the tests catch the error.
+frames, ``gc``, ``ctypes``, its fds and ``/proc/self``; write junk to its two pipes; exit with
+any status; return any plain value (answers looked up in a test file it can read included: the
+filesystem is readable). **What it cannot do** (isolated levels): reach T or the caller. No
+secret exists in U (the token lives only in T and the caller); U's only fds are its pipes to T
+and its output files; T runs nothing from U and lies outside U's PID, mount and network
+namespaces (U cannot see, signal, ``ptrace`` or open ``/proc/<pid>/fd`` of T), and for a root
+caller U also runs under another uid. Forging a pass would need the token on T's private pipe,
+or T's tests passing on the plain values U returns, which is solving the task. An exit of U
+(``os._exit(0)``, a signal, ``SystemExit`` in a call) at any point is a failure, even if the
+tests catch the error. At level ``"none"`` T makes itself non-dumpable (no ``ptrace`` or
+``/proc/<pid>/mem`` by the same non-root user), but a root caller has no such guarantee.
 
-**Isolation of U** (``isolation_level()``, probed once with a real sandboxed run that must show
-a read-only filesystem, no network, no capabilities and a working ``RLIMIT_NPROC``):
+**Isolation of U** (``isolation_level()``, probed once with a real sandboxed run checked from
+outside: no file written outside its dir, ``/etc/shadow`` unreadable, no connection to a host
+loopback listener, no capabilities, ``no_new_privs``, a per-check ``RLIMIT_NPROC`` that bites):
 
-* ``"bwrap"`` (bubblewrap): new PID, network, IPC, UTS (and cgroup) namespaces, its own mount
-  namespace with ``/`` bound read-only, a fresh ``/dev`` and ``/proc``, an empty read-only tmpfs
-  on ``/tmp`` and on ``$HOME`` (the Python installation re-bound read-only where it lies under
-  them or under a directory others cannot enter), and a 64 MiB tmpfs work dir ``/tmp/kvj-box``
-  as cwd, ``HOME`` and ``TMPDIR``: the only writable place. As root, U drops to a fresh uid per
-  check (``0x71000000 + random``, no groups, no capabilities), so ``RLIMIT_NPROC`` counts only
-  this check's processes and files readable by root alone stay unreadable (``/etc/shadow``); as
-  another user, an unprivileged user namespace (same uid, no capabilities, no nested user
-  namespaces). ``no_new_privs`` is set (setuid binaries cannot raise privileges);
+* ``"bwrap"`` (bubblewrap >= 0.7): new PID, network, IPC, UTS (and cgroup) namespaces, its own
+  mount namespace with ``/`` bound read-only, a fresh ``/dev`` and ``/proc``, an empty read-only
+  tmpfs over ``/tmp`` and ``$HOME`` (the Python installation bound back read-only where it lies
+  under them or, for root, under a directory others cannot enter, e.g. ``/root/.pyenv``), and a
+  64 MiB tmpfs ``/tmp/kvj-box`` as cwd, ``HOME`` and ``TMPDIR``: the only writable place. As
+  root, U drops to a fresh uid per check (``0x71000000 + random``; no groups, no capabilities),
+  so ``RLIMIT_NPROC`` counts only this check's processes and root-only files stay unreadable;
+  as another user, an unprivileged user namespace (no capabilities, no nested user namespaces;
+  ``RLIMIT_NPROC`` is counted per user namespace). ``no_new_privs`` is set;
 * ``"unshare"`` (util-linux ``unshare``, when bubblewrap is missing or fails): the same layout
-  made by the trusted start of U itself (``mount(2)`` via ctypes: every mount remounted
-  read-only, tmpfs masks, fresh ``/proc``) as PID 1 of the new namespaces, which then forks the
-  child that drops privileges (root: the per-check uid; otherwise: all capabilities and the
-  bounding set dropped, ``SECBIT_NOROOT`` locked) and runs the program;
+  built by the trusted start of U itself (``mount(2)`` via ctypes: every mount remounted
+  read-only, the tmpfs masks, a fresh ``/proc``, then checked) as PID 1 of the new namespaces
+  (plus a user namespace when not root), which forks the child that drops privileges (root: the
+  per-check uid; otherwise: every capability, the bounding set, ``SECBIT_NOROOT`` locked) and
+  runs the program, while PID 1 reaps and finally ends the namespace;
 * ``"none"``: no OS isolation (only the limits and the guard below). Refused unless the caller
   passes ``unsafe_exec=True`` (``require_isolation``): the CLI's ``--unsafe-exec``.
 
@@ -53,8 +58,10 @@ start of U also sets ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(time
 ``RLIMIT_FSIZE`` = ``fsize_mb`` (also bounds its captured stdout/stderr), ``RLIMIT_NOFILE``
 = 256, ``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC`` = 64 (isolated levels); stdin is ``/dev/null``;
 and installs a guard (process-creating and signalling functions of ``os``/``subprocess`` raise
-``PermissionError``): a speed bump for careless code, not a boundary. Not covered: kernel bugs
-(no seccomp filter), CPU/memory use of other tenants' caches, reading world-readable files.
+``PermissionError``): a speed bump for careless code, not a boundary. Both interpreters start
+with ``-I -S`` (U then adds the site-packages folders; ``.pth`` files are not run). Not covered:
+kernel bugs (no seccomp filter), reading world-readable files, the 64 MiB work dir counting
+against the caller's memory.
 
 Verdicts (``SandboxResult.status``): ``"passed"``, ``"failed"`` (an assertion or exception, an
 exit before the end), ``"timeout"`` (wall clock or CPU), ``"memory"`` (``MemoryError`` under
@@ -63,6 +70,7 @@ exit before the end), ``"timeout"`` (wall clock or CPU), ``"memory"`` (``MemoryE
 
 from __future__ import annotations
 
+import functools
 import json
 import marshal
 import math
@@ -83,7 +91,7 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["SandboxResult", "SandboxUnavailable", "run_untrusted", "check_humaneval", "extract_code",
-           "build_humaneval_program", "isolation_level", "require_isolation", "LEVELS"]
+           "build_humaneval_program", "isolation_level", "require_isolation", "level_available", "LEVELS"]
 
 LEVELS = ("bwrap", "unshare", "none")
 UNAVAILABLE_MESSAGE = ("no sandbox isolation available (install bubblewrap: apt-get install bubblewrap); "
@@ -119,8 +127,9 @@ class SandboxResult:
 
 
 # --- U: the untrusted side ----------------------------------------------------------------------
-# ``python -I -c _UNTRUSTED CONFIG_JSON``. Everything above the guard is trusted set-up code that
-# runs before any candidate code; nothing in this process is secret.
+# ``python -I -S -c _UNTRUSTED CONFIG`` (marshal, hex). Everything above the guard is trusted set-up
+# code that runs before any candidate code; nothing in this process is secret. The set-up failure
+# mark and exit status are ``_SETUP_MARK`` / ``_SETUP_EXIT``, the exception mark ``_EXC_MARK``.
 _UNTRUSTED = r'''
 import os, sys, marshal, struct, pickle, resource, builtins
 _cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
@@ -410,7 +419,7 @@ while True:
 '''
 
 # --- T: the trusted harness ---------------------------------------------------------------------
-# ``python -I -c _HARNESS``, config JSON (token, program, tests, pipe fds) on stdin. Never runs
+# ``python -I -S -c _HARNESS``, config JSON (token, program, tests, pipe fds) on stdin. Never runs
 # candidate code; the verdict goes to its original stdout, a pipe to the caller.
 _HARNESS = r'''
 import os, sys, json, struct, pickle, resource, builtins
@@ -592,7 +601,7 @@ _report("passed", "ok")
 _PROBE = r'''
 import os, socket, resource, time, ctypes
 box = os.getcwd()
-for d in sorted(set([os.path.dirname(box), "/", "/tmp", "/var/tmp", "/dev/shm", %(outside)r, %(project)r])):
+for d in sorted(set([os.path.dirname(box), *%(dirs)r])):
     try:
         open(os.path.join(d, %(name)r), "w").close()
     except OSError:
@@ -601,12 +610,12 @@ for d in sorted(set([os.path.dirname(box), "/", "/tmp", "/var/tmp", "/dev/shm", 
 open("own-dir-is-writable", "w").close()
 st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 assert int(st["CapEff"], 16) == 0 and st["NoNewPrivs"].strip() == "1", "privileged"
-for path in ("/etc/shadow", %(secret)r):
-    try:
-        open(path, "rb").close()
-    except OSError:
-        continue
-    raise AssertionError("read " + path)
+try:
+    open("/etc/shadow", "rb").close()
+except OSError:
+    pass
+else:
+    raise AssertionError("read /etc/shadow")
 s = socket.socket()
 s.settimeout(2)
 try:
@@ -674,22 +683,18 @@ def level_available(level: str) -> bool:
 
 
 def _probe(level: str) -> bool:
+    """Run ``_PROBE`` under ``level`` and check its effects from outside: passed, no file left in
+    any host directory it tried, no connection to a listener on the host loopback."""
     if _wrapper(level, False) is None:
         return False
     name = f"kvj-probe-{secrets.token_hex(6)}"
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory(prefix="kvj-probe-") as outside, \
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
-        secret = os.path.join(outside, "secret")
-        with open(secret, "w") as fh:
-            fh.write("x")
-        os.chmod(outside, 0o755)
-        os.chmod(secret, 0o600)
+    dirs = sorted({"/", "/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir(), project, os.path.expanduser("~")})
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         server.setblocking(False)
-        code = _PROBE % {"outside": outside, "project": project, "name": name, "secret": secret,
-                         "port": server.getsockname()[1], "nproc": 8}
+        code = _PROBE % {"dirs": dirs, "name": name, "port": server.getsockname()[1], "nproc": 8}
         res = _run(level, code, timeout_s=20.0, memory_mb=512, fsize_mb=1, tests=None, prelude="",
                    expose=(), nproc=8)
         try:
@@ -697,10 +702,9 @@ def _probe(level: str) -> bool:
             reached = True
         except BlockingIOError:
             reached = False
-        leaked = [d for d in {"/", "/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir(), outside, project}
-                  if os.path.exists(os.path.join(d, name))]
-        for d in leaked:
-            os.unlink(os.path.join(d, name))
+    leaked = [d for d in dirs if os.path.exists(os.path.join(d, name))]
+    for d in leaked:
+        os.unlink(os.path.join(d, name))
     return res.passed and not reached and not leaked
 
 
@@ -717,7 +721,7 @@ def _wrapper(level: str, root: bool) -> list[str] | None:
         if root:
             cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
-            cmd += ["--unshare-user", "--disable-userns"]
+            cmd += ["--unshare-user", *(["--disable-userns"] if _bwrap_has(exe, "--disable-userns") else [])]
         plan = _mount_plan(root)
         for mask in plan["masks"]:
             cmd += ["--perms", "0755", "--size", str(1 << 20), "--tmpfs", mask]
@@ -737,6 +741,16 @@ def _wrapper(level: str, root: bool) -> list[str] | None:
         return None
     cmd = [exe, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--propagation", "private"]
     return cmd + ([] if root else ["--user", "--map-root-user"]) + ["--"]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_has(exe: str, option: str) -> bool:
+    """Whether this bubblewrap knows ``option`` (``--disable-userns``: 0.8+; ``--size``, needed, 0.7+)."""
+    try:
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return option in out.stdout + out.stderr
 
 
 def _mount_plan(root: bool) -> dict:
@@ -765,9 +779,11 @@ def _mount_plan(root: bool) -> dict:
                         break
                 except OSError:
                     break
-    masks_list = sorted(m for m in masks if not any(m != o and m.startswith(o.rstrip("/") + "/") for o in masks))
-    under = [p for p in needed if any(p == m or p.startswith(m.rstrip("/") + "/") for m in masks_list)]
-    binds = sorted(p for p in under if not any(p != o and p.startswith(o.rstrip("/") + "/") for o in under))
+    inside = lambda a, b: a != b and a.startswith(b.rstrip("/") + "/")  # noqa: E731  (a strictly inside b)
+    masks = {m for m in masks if not any(m == n or inside(m, n) for n in needed)}  # never hide a needed path whole
+    masks_list = sorted(m for m in masks if not any(inside(m, o) for o in masks))
+    under = [p for p in needed if any(inside(p, m) for m in masks_list)]
+    binds = sorted(p for p in under if not any(inside(p, o) for o in under))
     _plan_cache[root] = {"masks": masks_list, "binds": binds}
     return _plan_cache[root]
 
@@ -900,7 +916,8 @@ def _run(level: str, code: str, timeout_s: float, memory_mb: int, fsize_mb: int,
         u = t = None
         try:
             with open(paths["out"], "wb") as uout, open(paths["err"], "wb") as uerr, open(paths["terr"], "wb") as terr:
-                u = subprocess.Popen([*wrapper, sys.executable, "-I", "-S", "-c", _UNTRUSTED, marshal.dumps(ucfg).hex()],
+                ucmd = [*wrapper, sys.executable, "-I", "-S", "-c", _UNTRUSTED, marshal.dumps(ucfg).hex()]
+                u = subprocess.Popen(ucmd,
                                      stdin=subprocess.DEVNULL, stdout=uout, stderr=uerr,
                                      cwd=workdir if level == "none" else outdir, env=_base_env(workdir),
                                      close_fds=True, pass_fds=(req_r, resp_w), start_new_session=True)
@@ -1026,6 +1043,10 @@ def _humaneval_body(problem: dict, completion: str) -> str:
     return problem["prompt"] + code
 
 
+def _humaneval_tests(problem: dict) -> str:
+    return problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
+
+
 def build_humaneval_program(problem: dict, completion: str) -> str:
     """The single-file program equivalent to one HumanEval check (for display and reuse).
 
@@ -1036,7 +1057,7 @@ def build_humaneval_program(problem: dict, completion: str) -> str:
     prompt's imports and helper functions (e.g. HumanEval/38, /50) stay available.
     ``check_humaneval`` runs the body in the sandbox and the test part in the trusted harness.
     """
-    return _humaneval_body(problem, completion) + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
+    return _humaneval_body(problem, completion) + "\n\n" + _humaneval_tests(problem)
 
 
 def check_humaneval(problem: dict, completion: str, timeout_s: float = 5.0, memory_mb: int = 512, *,
@@ -1044,7 +1065,6 @@ def check_humaneval(problem: dict, completion: str, timeout_s: float = 5.0, memo
     """Run ``problem``'s unit tests on ``completion``: the body of ``build_humaneval_program`` in
     the sandbox, ``test`` + ``check(entry_point)`` (after the prompt, for its helpers) in the
     trusted harness, calling the sandboxed ``entry_point``."""
-    entry = problem["entry_point"]
     return run_untrusted(_humaneval_body(problem, completion), timeout_s=timeout_s, memory_mb=memory_mb,
-                         tests=problem["test"] + "\n\n" + f"check({entry})\n", tests_prelude=problem["prompt"],
-                         expose=(entry,), unsafe_exec=unsafe_exec)
+                         tests=_humaneval_tests(problem), tests_prelude=problem["prompt"],
+                         expose=(problem["entry_point"],), unsafe_exec=unsafe_exec)

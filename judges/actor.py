@@ -12,11 +12,13 @@ from __future__ import annotations
 import ray
 import torch
 
-from kvjudge.cache.store import call
-from kvjudge.cache.store_actor import get_store
+from kvjudge.cache.store_actor import get_segment, get_store
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, as_candidates
 from kvjudge.judges.judge import Judge
+from kvjudge.judges.prompt import JudgeInputError
+from kvjudge.judges.sim import SimJudge
 from kvjudge.models import load_model
+from kvjudge.models.sim import is_sim_spec
 
 
 class _JudgeActorImpl:
@@ -25,26 +27,43 @@ class _JudgeActorImpl:
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
+        modes = dict(candidate_kv=candidate_kv, output=output, max_new_tokens=max_new_tokens)
         try:
-            self.judge = Judge(load_model(model), method=method, method_options=options, candidate_kv=candidate_kv,
-                               output=output, max_new_tokens=max_new_tokens)
+            if is_sim_spec(model):
+                self.judge: Judge | SimJudge = SimJudge(model, method=method, method_options=options, **modes)
+            else:
+                self.judge = Judge(load_model(model), method=method, method_options=options, **modes)
         except Exception as exc:
             self.error = " ".join(str(exc).split()) or type(exc).__name__
             return
         self.store = None
         if store_name:
             self.store = get_store(store_name, namespace)
-            self.judge.runner.fetch = lambda key: call(self.store, "get", key)
+            # segments come straight from the node that made them; anything lost is a miss (re-encoded)
+            self.judge.runner.fetch = lambda key: get_segment(self.store, key)
 
     def ready(self) -> dict:
         if self.error:
             return {"error": self.error, "node": ray.util.get_node_ip_address()}
+        lm = getattr(self.judge, "lm", None)
         return {
-            "model_id": self.judge.lm.model_id,
+            "model_id": lm.model_id if lm is not None else self.judge.model_id,
             "node": ray.util.get_node_ip_address(),
-            "device": str(self.judge.lm.device),
+            "device": str(lm.device) if lm is not None else "sim",
             "gpus": torch.cuda.device_count(),
         }
+
+    def check_candidates(self, problem: str, n: int) -> str | None:
+        """Why this judge cannot take ``n`` candidates (e.g. more than its single-token labels), or ``None``."""
+        case = getattr(self.judge, "case", None)
+        if case is None:  # the sim judge takes any number
+            return None
+        try:
+            # the label limit does not depend on where candidate KV comes from: probe in the plainest mode
+            case(problem, [f"candidate {i + 1}" for i in range(n)], candidate_kv="judge_prefix")
+        except JudgeInputError as exc:
+            return str(exc)
+        return None
 
     def candidate_kv_request(self, problem: str, answer: str | dict, mode: str | None = None) -> dict:
         """What KV this judge looks up for ``answer`` (a text, or a :class:`Candidate` as a dict) in

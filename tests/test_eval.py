@@ -10,11 +10,13 @@ import pytest
 
 from kvjudge.app.cli import main
 import kvjudge.experiments.protocol as protocol
-from kvjudge.experiments.candidates import CandidateSet, load_candidates, write_candidates
+from kvjudge.experiments.candidates import CandidateSet, load_candidates, with_agent_prompts, write_candidates
+from kvjudge.experiments.datasets import load_dataset
 from kvjudge.experiments.config import EvalConfig, parse_methods, parse_seeds
 from kvjudge.experiments.judging import gate_seed, judge_all, permutation, record_key, running_metrics, to_original
 from kvjudge.experiments.protocol import evaluate
 from kvjudge.judges.base import Verdict
+from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.results import ResultsLog
 
 METHODS = ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"]
@@ -96,7 +98,7 @@ def synthetic(tmp_path_factory):
 
 def _cfg(root, data, cands, out, seeds="42,123", resume=False):
     return EvalConfig(dataset="gsm8k", out=root / out, model="tiny-llama", methods=",".join(METHODS), seeds=seeds,
-                      candidates=cands, data=str(data), resume=resume)
+                      candidates=cands, data=str(data), resume=resume, candidate_kv="judge_prefix")
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +142,15 @@ def test_metric_aggregation(summary, synthetic):
         assert dg["jcr"] == pytest.approx((1 - dg["coverage"]) + dg["coverage"] * dg["precision"])
     sig = summary["significance"]["dg_jkr_vs_random_gate"]
     assert 0.0 <= sig["p_value"] <= 1.0 and sig["n"] == 8
-    part = summary["partition"]
-    assert part["agreement"]["count"] + part["disagreement"]["count"] == 8
+    part, pooled = summary["partition"], summary["partition_pooled"]
+    assert part["agreement"]["count"] + part["disagreement"]["count"] == 4 and "seed 42" in part["unit"]  # the paper's
+    assert pooled["agreement"]["count"] + pooled["disagreement"]["count"] == 8
+    # exact coverage: per seed, exactly round(coverage x n) records took the gate's reuse arm
+    for seed in ("42", "123"):
+        got = ms["random_gate"]["per_seed"][seed]["coverage"]
+        assert got * 4 == round(cov[seed] * 4)
+    assert all(r["measured_rate"] == 0.0 for m, r in ms.items() if m in ("dense", "naive"))
+    assert ms["dg_jkr"]["latency_ms_parallel_arms"] > 0
 
 
 def test_results_lines_and_files(summary, synthetic):
@@ -202,7 +211,7 @@ def test_resume_generates_only_untried_problems(synthetic, monkeypatch):
 
     monkeypatch.setattr(protocol, "generate_candidates", fake_generation)
     cfg = EvalConfig(dataset="gsm8k", out=out, model="tiny-llama", methods="dense,naive", seeds="42",
-                     data=str(data), resume=True, limit=4)
+                     data=str(data), resume=True, limit=4, candidate_kv="judge_prefix")
     result = evaluate(cfg, progress=False)
     assert asked == [["gsm8k/3"]]  # only the never-tried problem
     sets = load_candidates(out / "candidates.jsonl")
@@ -262,6 +271,16 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
         assert needle in report, needle
     assert (out / "jcr_vs_coverage.png").stat().st_size > 1000
     assert (out / "latency_ratio.png").stat().st_size > 1000
+
+    # agent prompts rebuilt from the topology's templates equal those the agents were really given
+    sets = load_candidates(out / "candidates.jsonl")
+    recorded = {t: cs.agent_prompts for t, cs in sets.items()}
+    assert all(recorded.values())
+    for cs in sets.values():
+        cs.agent_prompts = None
+    problems = {p["id"]: p["prompt"] for p in load_dataset("humaneval", limit=3)}
+    assert with_agent_prompts(sets, problems, load_topology(resolve_topology("progressive_refinement"))) == 3
+    assert {t: cs.agent_prompts for t, cs in sets.items()} == recorded
 
     # --resume with a larger --limit generates only the new problem and keeps the old candidates
     gen_before = (out / "generation" / "results.jsonl").read_text().splitlines()

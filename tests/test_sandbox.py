@@ -131,7 +131,8 @@ def test_values_cross_the_boundary_as_plain_data():
         "    return [x, (2.5, 'x\\u00e9\\n\\x01\"'), {3: b'y', 'z': None}, {4}, frozenset([5]), True, float('inf'),\n"
         "            1 + 2j, -(2 ** 100), OrderedDict(a=1), P(1, 2), bytearray(b'q'), k]\n")
     tests = ("r = f(7, k=[1])\n"
-             "assert r == [7, (2.5, 'x\\u00e9\\n\\x01\"'), {3: b'y', 'z': None}, {4}, frozenset([5]), True, float('inf'),\n"
+             "assert r == [7, (2.5, 'x\\u00e9\\n\\x01\"'), {3: b'y', 'z': None}, {4}, frozenset([5]), True,\n"
+             "             float('inf'),\n"
              "             1 + 2j, -(2 ** 100), {'a': 1}, (1, 2), b'q', [1]], r\n"
              "assert [type(v) for v in r[1:4]] == [tuple, dict, set] and type(r[9]) is dict and type(r[10]) is tuple\n"
              "assert type(r[5]) is bool and type(r[8]) is int\n")
@@ -167,7 +168,7 @@ def test_module_level_failure_is_reported_before_the_tests():
 
 def test_tests_prelude_helpers_stay_on_the_trusted_side():
     prelude = "def helper(x):\n    return x * 2\ndef f(x):\n    'stub'\n"
-    code = "def helper(x):\n    return 0\ndef f(x):\n    return x * 2\n"  # the candidate's helper is not used by the tests
+    code = "def helper(x):\n    return 0\ndef f(x):\n    return x * 2\n"  # the tests do not use this helper
     res = run(code, tests="assert f(3) == helper(3) == 6", tests_prelude=prelude, expose=("f",))
     assert res.passed, res
 

@@ -84,7 +84,8 @@ FORGERIES = {
         "    addr, perms = line.split()[:2]\n"
         "    lo, hi = (int(x, 16) for x in addr.split('-'))\n"
         "    if perms.startswith('rw') and hi - lo <= 64 << 20:\n"
-        "        found.update(m.decode() for m in re.findall(rb'(?:KVJUDGE_OK_)?[0-9a-f]{32}', ctypes.string_at(lo, hi - lo)))\n"
+        "        mem = ctypes.string_at(lo, hi - lo)\n"
+        "        found.update(m.decode() for m in re.findall(rb'(?:KVJUDGE_OK_)?[0-9a-f]{32}', mem))\n"
         "spray(sorted(found, key=lambda v: (v.startswith('KVJUDGE'), v))[-2000:])\nos._exit(0)"),
     "reply_pipe": ("import struct\nfor fd in range(3, 64):\n    try:\n"
                    "        os.write(fd, struct.pack('>I', 7) + b'[\"ret\"]' + struct.pack('>I', 9) + b'[\"ready\"]')\n"
@@ -102,7 +103,8 @@ def test_forged_pass_from_inside_the_candidate_fails(problem, attack):
 def test_forged_pass_through_other_processes_fails(problem):
     # Writes a fake verdict to every fd of every process it can see whose command line looks like the harness.
     attack = ("for pid in os.listdir('/proc'):\n    if not pid.isdigit():\n        continue\n"
-              "    try:\n        cmd = open('/proc/%s/cmdline' % pid, 'rb').read()\n    except OSError:\n        continue\n"
+              "    try:\n        cmd = open('/proc/%s/cmdline' % pid, 'rb').read()\n"
+              "    except OSError:\n        continue\n"
               "    if b'_report' not in cmd and pid != str(os.getpid()):\n        continue\n"
               "    for fd in os.listdir('/proc/%s/fd' % pid) if os.access('/proc/%s/fd' % pid, os.R_OK) else []:\n"
               "        try:\n            w = os.open('/proc/%s/fd/%s' % (pid, fd), os.O_WRONLY | os.O_NONBLOCK)\n"

@@ -139,9 +139,10 @@ class Orchestrator:
         n = self._replica_count()
         actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads)
                       for _ in range(n)] for m in self.models}
+        j = self.topology.judge
         self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
-            self.judge_model, self.topology.judge.method, self.topology.judge.method_kwargs(),
-            STORE_NAME, NAMESPACE, 1,
+            self.judge_model, j.method, j.method_kwargs(), STORE_NAME, NAMESPACE, 1,
+            candidate_kv=j.candidate_kv, output=j.output, max_new_tokens=j.max_tokens,
         )
         named = {f"agent model {m!r} replica {i + 1}": a for m, lst in actors.items() for i, a in enumerate(lst)}
         ready = self._ready({**named, f"judge model {self.judge_model!r}": self.judge})
@@ -149,6 +150,9 @@ class Orchestrator:
             infos = [ready[f"agent model {m!r} replica {i + 1}"] for i in range(len(lst))]
             self.pools[m] = Replicas(lst, nodes=[str(i.get("node", "?")) for i in infos])
         self.judge_info = ready[f"judge model {self.judge_model!r}"]
+        why = ray.get(self.judge.check_candidates.remote("(probe)", len(self.specs)))
+        if why:
+            raise RunError(f"the judge cannot take this topology's {len(self.specs)} agents as candidates: {why}")
         return self.judge_info
 
     def _replica_count(self) -> int:
@@ -206,6 +210,8 @@ class Orchestrator:
     # ---------------------------------------------------------------- one problem
     def _generate(self, request: dict) -> dict:
         model = self.specs[request["agent"]].model
+        if request["final"] and self.topology.judge.candidate_kv == "agent" and model == self.judge_model:
+            request = {**request, "publish_agent_kv": True}  # the KV it computes while writing is the candidate's
         pool = self.pools[model]
         i = pool.pick()
         result = None
@@ -219,7 +225,7 @@ class Orchestrator:
         """Ask the judge what KV it will look up for ``answer`` and have the agent's actor encode it;
         a failure only costs the judge an encode later."""
         try:
-            req = ray.get(self.judge.candidate_kv_request.remote(problem, answer))
+            req = ray.get(self.judge.candidate_kv_request.remote(problem, answer, self.topology.judge.candidate_kv))
             meta = {"agent": agent, "kind": "judge-candidate"}
             pool = self.pools[self.specs[agent].model]
             i = pool.pick()
@@ -249,14 +255,15 @@ class Orchestrator:
                     for fut in done:
                         self._finish_turn(plan, futures.pop(fut), fut, text, results)
             agents = list(self.topology.agents)
-            candidates = [results[a]["text"] for a in agents]
+            candidates = [self._candidate(results[a]) for a in agents]
             verdict = ray.get(self.judge.judge_candidates.remote(text, candidates, agents))
+            winner = verdict.get("winner")
             record = {
                 "id": problem["id"],
                 "status": "ok",
                 "candidates": [results[a] for a in agents],
                 "verdict": verdict,
-                "winner_agent": agents[verdict["winner"] - 1],
+                "winner_agent": agents[winner - 1] if winner else None,
                 "store": self.store_stats(),
                 "elapsed_s": time.perf_counter() - t0,
             }
@@ -268,6 +275,15 @@ class Orchestrator:
                       "candidates": list(results.values()), "elapsed_s": time.perf_counter() - t0}
         return record
 
+    def _candidate(self, result: dict) -> dict:
+        """The judge's view of an agent's final answer: its text, and in ``agent`` mode what the KV
+        was computed under (the agent's ids when it runs the judge's model, else its prompt text)."""
+        if self.topology.judge.candidate_kv != "agent":
+            return {"text": result["text"]}
+        if self.specs[result["agent"]].model == self.judge_model and result.get("prompt_ids") is not None:
+            return {"text": result["text"], "token_ids": result["token_ids"], "prompt_ids": result["prompt_ids"]}
+        return {"text": result["text"], "agent_prompt": result["agent_prompt"]}
+
     def _finish_turn(self, plan: ProblemPlan, req: dict, fut: Future, problem: str, results: dict) -> None:
         agent = req["agent"]
         try:
@@ -275,8 +291,10 @@ class Orchestrator:
         except Exception:
             self.reporter.agent(agent, "failed")
             raise
-        if req["final"] and self.specs[agent].model == self.judge_model:
+        mode = self.topology.judge.candidate_kv
+        if req["final"] and mode != "agent" and self.specs[agent].model == self.judge_model:
             r["store_key"] = self._publish(agent, problem, r["text"])
+        r["agent_prompt"] = req["prompt"]
         results[agent] = r
         plan.answer(agent, r["text"])
         self.reporter.agent(agent, "done", tokens=r["tokens"], tokens_per_s=r["tokens_per_s"])

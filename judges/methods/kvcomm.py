@@ -36,7 +36,7 @@ import torch
 
 from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, correction, to_frame0
 from kvjudge.cache.encoder import segment_key
-from kvjudge.cache.segments import KVSegment
+from kvjudge.cache.segments import CompressedSegment, KVSegment
 from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.engine import JudgeEngine
 
@@ -97,8 +97,8 @@ class KVCOMM(AnchorConfig):
         prefix = tuple(case.prompt.prefix)
         out = []
         for i, (kind, slot, seg) in enumerate(pieces):
-            if kind != "candidate":
-                continue
+            if kind != "candidate" or isinstance(seg, CompressedSegment):
+                continue  # a token-compressed candidate (store compression) is reused as it is, uncorrected
             glue = segs[i + 1] if i + 1 < len(pieces) and pieces[i + 1][0] == "glue" else None
             own = slot > 0 or not exact_first
             if not own and glue is None:

@@ -1,0 +1,259 @@
+"""``kvjudge bench run``: how close a run of a topology comes to the best the cluster could do.
+
+:func:`bench_run` runs a topology on ``problems`` (a number makes that many synthetic
+``{"id", "prompt"}`` problems) into a temporary folder, on the embedded Ray or ``address``, and
+compares the measured **makespan** (first problem submitted -> last record written; actor start-up
+excluded) with a **lower bound**::
+
+    lower_bound = max(critical_path, max_m(agent_work_m / capacity_m), judge_work)
+
+* ``critical_path``: one problem alone. Per round, the longest path through the agent graph of
+  per-request times ``t_a`` (plus, on the last round, the encode that publishes ``a``'s candidate
+  KV), rounds one after another, then one judge call.
+* ``agent_work_m / capacity_m``: all requests for model ``m`` (``problems x rounds x sum t_a``, plus
+  encodes) over what its replicas serve at once: ``replicas x min(batch_speedup, max_batch)`` for
+  ``sim`` (a batch of ``B <= batch_speedup`` costs one request), ``replicas`` for a real model.
+* ``judge_work``: ``problems x`` one judge call, since the judge actor is one serial process.
+
+For ``sim:...`` models ``t_a = min(answer_tokens, max_new_tokens_a) / tokens_per_s``, an encode
+costs ``prefill_seconds(context + answer)`` and a judge call ``judge_s``: all from the spec. For real
+models they are measured in the run itself: ``t_a`` is the mean replica time a request of ``a`` took
+(its batch's seconds over the batch size), the judge call the mean verdict latency; the bound is
+then an estimate, not a guarantee.
+
+Agent utilisation is the replica time spent generating (sum over requests of batch seconds / batch
+size, from the records) over ``makespan x replicas``. Store figures come from the store's own stats
+in the last record: ``bytes_by_node`` (where stored segment bytes live, by producing node id) and
+``bytes_read_by_node`` (bytes handed out as refs, i.e. moved from that node to a reader, the judge).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvjudge.agents.actor import MAX_BATCH
+from kvjudge.experiments.datasets import load_problems
+from kvjudge.judges.sim import SimJudge
+from kvjudge.models.sim import SimSpec, is_sim_spec, parse_sim_spec
+from kvjudge.topologies import load_topology, resolve_topology
+from kvjudge.topologies.plan import ProblemPlan
+from kvjudge.topologies.runner import default_concurrency, run
+from kvjudge.topologies.schema import Topology
+from kvjudge.topologies.telemetry import Reporter
+
+
+class _Timing:
+    """A Reporter that forwards to ``inner`` (if any) and notes when problems start and finish."""
+
+    def __init__(self, inner: Reporter | None) -> None:
+        self.inner = inner
+        self.started: float | None = None
+        self.finished: list[float] = []
+        self.info: dict = {}
+        self.replicas: dict = {}
+
+    def start(self, info: dict) -> None:
+        self.started = time.perf_counter()
+        self.info = dict(info)
+        self.replicas = info.get("replicas", {}) or {}
+        self._forward("start", info)
+
+    def status(self, **fields: Any) -> None:
+        if fields.get("replicas"):
+            self.replicas = fields["replicas"]
+        self._forward("status", **fields)
+
+    def problem(self, record: dict) -> None:
+        self.finished.append(time.perf_counter())
+        self._forward("problem", record)
+
+    def agent(self, agent: str, state: str, **stats: Any) -> None:
+        self._forward("agent", agent, state, **stats)
+
+    def close(self) -> None:
+        self._forward("close")
+
+    def _forward(self, name: str, *args: Any, **kwargs: Any) -> None:
+        fn = getattr(self.inner, name, None) if self.inner is not None else None
+        if fn is not None:
+            fn(*args, **kwargs)
+
+
+def synthetic_problems(n: int) -> list[dict]:
+    """``n`` distinct small arithmetic problems ``{"id": "s0000", "prompt": ...}``."""
+    if n < 1:
+        raise ValueError(f"--problems must be a positive number, a dataset or a file, not {n}")
+    return [{"id": f"s{i:04d}", "prompt": f"Problem {i}: what is {i} + {(7 * i) % 13}? Answer with a number."}
+            for i in range(n)]
+
+
+def _topology(topology: str | Path | Topology, model: str | None) -> Topology:
+    topo = topology if isinstance(topology, Topology) else load_topology(resolve_topology(topology))
+    if model:
+        topo = topo.model_copy(update={"defaults": topo.defaults.model_copy(update={"model": model})})
+    return topo
+
+
+def _longest_path(topo: Topology, cost: dict[str, float]) -> float:
+    """The longest path through the agent graph when agent ``a`` takes ``cost[a]`` seconds."""
+    finish: dict[str, float] = {}
+    for layer in ProblemPlan(topo, "x").generations:
+        for a in layer:
+            finish[a] = max((finish[p] for p in topo.predecessors(a)), default=0.0) + cost[a]
+    return max(finish.values(), default=0.0)
+
+
+def _sim_costs(topo: Topology, problems: list[dict]) -> dict | None:
+    """Per-request / encode / judge seconds from the sim specs, or ``None`` if any model is real."""
+    specs = {a: topo.agent_spec(a) for a in topo.agents}
+    if not all(is_sim_spec(s.model) for s in specs.values()) or not is_sim_spec(topo.defaults.model):
+        return None
+    judge_spec = parse_sim_spec(topo.defaults.model)
+    gen: dict[str, float] = {}
+    enc: dict[str, float] = {}
+    publish = topo.judge.candidate_kv != "agent" and topo.judge.method != "dense"
+    judge = SimJudge(judge_spec, method=topo.judge.method, candidate_kv=topo.judge.candidate_kv)
+    for a, s in specs.items():
+        sim: SimSpec = parse_sim_spec(s.model)
+        n = min(sim.answer_tokens, int(s.max_new_tokens))
+        gen[a] = sim.batch_seconds(n, 1)
+        enc[a] = 0.0
+        if publish and s.model == topo.defaults.model and sim.prefill_tokens_per_s > 0:
+            # the encode that publishes a's candidate KV: judge context of the mean problem + the answer
+            lens = [len(r["context_ids"]) + len(r["ids"]) for r in
+                    (judge.candidate_kv_request(p["prompt"], "x" * n) for p in problems)]
+            enc[a] = sim.prefill_seconds(round(sum(lens) / len(lens)))
+    capacity = {s.model: min(parse_sim_spec(s.model).batch_speedup, MAX_BATCH) for s in specs.values()}
+    return {"gen": gen, "enc": enc, "judge": judge_spec.judge_s, "per_replica": capacity}
+
+
+def _measured_costs(topo: Topology, records: list[dict]) -> dict:
+    """Per-request seconds (replica time: batch seconds / batch size) and judge latency from the records."""
+    gen: dict[str, list[float]] = {a: [] for a in topo.agents}
+    judge: list[float] = []
+    for rec in records:
+        for c in rec.get("candidates", []):
+            if c.get("agent") in gen and c.get("seconds") is not None:
+                gen[c["agent"]].append(float(c["seconds"]) / max(1, int(c.get("batch_size", 1) or 1)))
+        if rec.get("verdict", {}).get("latency_ms") is not None:
+            judge.append(float(rec["verdict"]["latency_ms"]) / 1000.0)
+    mean = {a: sum(v) / len(v) if v else 0.0 for a, v in gen.items()}
+    models = {topo.agent_spec(a).model for a in topo.agents}
+    return {"gen": mean, "enc": {a: 0.0 for a in topo.agents}, "judge": sum(judge) / len(judge) if judge else 0.0,
+            "per_replica": {m: 1.0 for m in models}}
+
+
+def lower_bound(topo: Topology, n_problems: int, costs: dict, replicas: dict[str, int]) -> dict:
+    """``{"lower_bound_s", "critical_path_s", "work_bound_s", "judge_bound_s"}`` (see the module doc)."""
+    last = {a: costs["gen"][a] + costs["enc"][a] for a in topo.agents}
+    rounds = int(topo.rounds)
+    critical = (rounds - 1) * _longest_path(topo, costs["gen"]) + _longest_path(topo, last) + costs["judge"]
+    work: dict[str, float] = {}
+    for a in topo.agents:
+        m = topo.agent_spec(a).model
+        work[m] = work.get(m, 0.0) + n_problems * (rounds * costs["gen"][a] + costs["enc"][a])
+    bound_work = max((w / (max(1, replicas.get(m, 1)) * costs["per_replica"][m]) for m, w in work.items()),
+                     default=0.0)
+    judge = n_problems * costs["judge"]
+    return {"lower_bound_s": max(critical, bound_work, judge), "critical_path_s": critical,
+            "work_bound_s": bound_work, "judge_bound_s": judge}
+
+
+def _store_figures(records: list[dict]) -> dict:
+    last = next((r["store"] for r in reversed(records) if r.get("store")), {})
+    return {
+        "bytes_by_node": dict(last.get("bytes_by_node", {})),
+        "bytes_read_by_node": dict(last.get("bytes_read_by_node", {})),
+        "entries": int(last.get("entries", 0)),
+        "hits": int(last.get("hits", 0)),
+        "judge_fetches": sum(int(r.get("verdict", {}).get("store_fetched", 0) or 0) for r in records),
+    }
+
+
+def bench_run(topology: str | Path | Topology, model: str | None = None, problems: int | str = 32, *,
+              concurrency: int | None = None, replicas: int | str | None = None, address: str | None = None,
+              progress: Reporter | None = None, limit: int | None = None) -> dict:
+    """Run ``topology`` on ``problems`` and compare its makespan with the lower bound.
+
+    ``problems``: a number (that many synthetic problems), a dataset name or a JSONL file
+    (``limit`` keeps the first N). ``replicas``/``concurrency``: as ``kvjudge run`` (``None``: the
+    topology's ``agent_replicas`` / enough to keep every replica busy). ``progress``: a Reporter that
+    sees the run's events. Returns a JSON-able dict with ``makespan_s``, ``lower_bound_s``,
+    ``ratio_to_bound``, ``throughput_per_s``, ``agent_utilisation``, ``store`` and the bound's parts.
+    """
+    topo = _topology(topology, model)
+    if isinstance(problems, int) or (isinstance(problems, str) and problems.isdigit()):
+        items = synthetic_problems(int(problems))
+        if limit is not None:
+            items = items[:limit]
+    else:
+        items = load_problems(str(problems), limit=limit)
+    timing = _Timing(progress)
+    with tempfile.TemporaryDirectory(prefix="kvjudge-bench-") as out:
+        counts = run(topo, items, Path(out), model=None, address=address, reporter=timing,
+                     concurrency=concurrency, replicas=replicas)
+        path = Path(counts["results"])
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            if path.exists() else []
+    if timing.started is None or not timing.finished:
+        raise ValueError("the run finished no problem: nothing to measure")
+    makespan = timing.finished[-1] - timing.started
+    ok = [r for r in records if r.get("status") == "ok"]
+    n_replicas = {m: len(v) for m, v in (timing.replicas or {}).items()}
+    total_replicas = sum(n_replicas.values()) or 1
+    sim_costs = _sim_costs(topo, items)
+    costs = sim_costs or _measured_costs(topo, ok)
+    bound = lower_bound(topo, len(items), costs, n_replicas)
+    busy = sum(float(c.get("seconds", 0.0)) / max(1, int(c.get("batch_size", 1) or 1))
+               for r in ok for c in r.get("candidates", [])) * int(topo.rounds)
+    batches = [int(c.get("batch_size", 1) or 1) for r in ok for c in r.get("candidates", [])]
+    return {
+        "topology": topo.name,
+        "model": topo.defaults.model,
+        "problems": len(items),
+        "done": counts["done"],
+        "failed": counts["failed"],
+        "replicas": n_replicas,
+        "replica_nodes": {m: [v.get("node", "?") for v in views] for m, views in (timing.replicas or {}).items()},
+        "concurrency": timing.info.get("concurrency") or concurrency or default_concurrency(topo, total_replicas),
+        "makespan_s": makespan,
+        **bound,
+        "ratio_to_bound": makespan / bound["lower_bound_s"] if bound["lower_bound_s"] > 0 else None,
+        "throughput_per_s": len(ok) / makespan if makespan > 0 else 0.0,
+        "agent_utilisation": busy / (makespan * total_replicas) if makespan > 0 else 0.0,
+        "mean_batch": sum(batches) / len(batches) if batches else 0.0,
+        "bound_from": "sim spec" if sim_costs else "measured",
+        "store": _store_figures(ok),
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def bench_table(result: dict) -> dict:
+    """A two-column summary ``{"title", "columns", "rows"}`` (strings) for a rich table."""
+    ratio = result["ratio_to_bound"]
+    store = result["store"]
+    rows = [
+        ("problems", f"{result['done']} ok / {result['problems']} ({result['failed']} failed)"),
+        ("replicas", ", ".join(f"{m}: {n}" for m, n in result["replicas"].items())),
+        ("concurrency", str(result["concurrency"])),
+        ("makespan", f"{result['makespan_s']:.2f} s"),
+        ("lower bound", f"{result['lower_bound_s']:.2f} s (critical path {result['critical_path_s']:.2f} s, "
+                        f"work/capacity {result['work_bound_s']:.2f} s, judge {result['judge_bound_s']:.2f} s; "
+                        f"from {result['bound_from']})"),
+        ("makespan / bound", f"{ratio:.2f}x" if ratio else "-"),
+        ("throughput", f"{result['throughput_per_s']:.2f} problems/s"),
+        ("agent utilisation", f"{100 * result['agent_utilisation']:.0f}% (mean batch {result['mean_batch']:.1f})"),
+        ("store bytes by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_by_node"].items()) or "-"),
+        ("bytes read by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_read_by_node"].items())
+         or "-"),
+        ("judge fetches", str(store["judge_fetches"])),
+    ]
+    return {"title": f"bench run {result['topology']} on {result['model']}", "columns": ["", "value"],
+            "rows": [list(r) for r in rows]}

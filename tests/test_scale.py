@@ -1,0 +1,198 @@
+"""Scale-out on the simulated model (sleep-bound, so stable on a busy 2-core machine): problems in
+flight and replicas speed a chain up, every problem is recorded exactly once, ``--resume`` after an
+interrupt loses and duplicates nothing; the store keeps segments where they were made and never
+holds their bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from kvjudge.cache.segments import KVSegment
+from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segment, kill_store, put_segment
+from kvjudge.experiments.bench_run import bench_run, lower_bound, synthetic_problems
+from kvjudge.topologies import load_topology_text
+from kvjudge.topologies.runner import run
+
+# one request alone sleeps 8 / 80 = 0.1 s; batching buys nothing (batch_speedup 1), so only replicas add capacity
+SIM = "sim:tokens_per_s=80,answer_tokens=8"
+CHAIN = f"""
+name: chain
+defaults: {{model: "{SIM}", max_new_tokens: 32}}
+agents:
+  a1: {{role: solver, prompt: "Solve: {{problem}}"}}
+  a2: {{role: refiner, prompt: "Improve: {{previous}} for {{problem}}"}}
+  a3: {{role: refiner, prompt: "Check: {{previous}} for {{problem}}"}}
+  a4: {{role: finalizer, prompt: "Final: {{previous}} for {{problem}}"}}
+edges: [{{source: a1, target: a2}}, {{source: a2, target: a3}}, {{source: a3, target: a4}}]
+judge: {{method: naive}}
+"""
+N = 16
+
+
+class Clock:
+    """A Reporter noting when problems start running (actors ready) and when each finishes;
+    ``stop_after`` raises KeyboardInterrupt from the k-th ``problem`` event (a Ctrl-C)."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.t0: float | None = None
+        self.ends: list[float] = []
+        self.stop_after = stop_after
+
+    def start(self, info: dict) -> None:
+        self.t0 = time.perf_counter()
+        self.info = info
+
+    def problem(self, record: dict) -> None:
+        self.ends.append(time.perf_counter())
+        if self.stop_after is not None and len(self.ends) >= self.stop_after:
+            raise KeyboardInterrupt
+
+    def agent(self, *args, **kwargs) -> None:
+        pass
+
+    def status(self, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def makespan(self) -> float:
+        return self.ends[-1] - self.t0
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sim_ray():
+    os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+    # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine
+    ray.init(address="local", num_cpus=8, namespace="kvjudge", include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_replicas_and_problems_in_flight_speed_a_chain_up(sim_ray, tmp_path):
+    topo = load_topology_text(CHAIN)
+    problems = synthetic_problems(N)
+    times = {}
+    for label, conc, reps in (("serial", 1, 1), ("scaled", 8, 4)):
+        clock = Clock()
+        counts = run(topo, problems, tmp_path / label, reporter=clock, concurrency=conc, replicas=reps)
+        assert counts["done"] == N and counts["failed"] == 0
+        ids = _ids(tmp_path / label / "results.jsonl")
+        assert sorted(ids) == sorted(p["id"] for p in problems) and len(set(ids)) == N  # each exactly once
+        assert len(clock.info["replicas"][SIM]) == reps and clock.info["concurrency"] == conc
+        times[label] = clock.makespan
+    # independent floor for the serial run: 16 problems x 4 requests x 0.1 s, one at a time
+    assert times["serial"] >= N * 4 * 0.1
+    assert times["serial"] >= 3.0 * times["scaled"], times
+
+
+def test_resume_after_an_interrupt_loses_and_duplicates_nothing(sim_ray, tmp_path):
+    topo = load_topology_text(CHAIN)
+    problems = synthetic_problems(10)
+    results = tmp_path / "results.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run(topo, problems, tmp_path, reporter=Clock(stop_after=3), concurrency=4, replicas=2)
+    first = results.read_text().splitlines()
+    assert len(first) == 3  # what finished before the Ctrl-C stays, nothing else
+    with pytest.raises(ValueError, match="--resume"):
+        run(topo, problems, tmp_path, reporter=Clock(), concurrency=4, replicas=2)
+    counts = run(topo, problems, tmp_path, reporter=Clock(), concurrency=4, replicas=2, resume=True)
+    assert counts["skipped"] == 3 and counts["done"] == 7
+    lines = results.read_text().splitlines()
+    assert lines[:3] == first
+    ids = _ids(results)
+    assert sorted(ids) == sorted(p["id"] for p in problems) and len(set(ids)) == len(ids)
+
+
+def test_bench_run_reports_makespan_against_an_independent_bound(sim_ray):
+    out = bench_run(load_topology_text(CHAIN), None, 8, concurrency=8, replicas=2)
+    # 8 problems x 4 requests x 0.1 s over 2 replicas; a chain of 4 x 0.1 s for one problem
+    assert out["work_bound_s"] == pytest.approx(1.6) and out["critical_path_s"] == pytest.approx(0.4)
+    assert out["lower_bound_s"] == pytest.approx(1.6) and out["done"] == 8
+    assert out["makespan_s"] >= out["lower_bound_s"]
+    assert out["ratio_to_bound"] == pytest.approx(out["makespan_s"] / 1.6)
+    assert 0.0 < out["agent_utilisation"] <= 1.0
+    # naive reuses: the judge fetched every candidate from the store, from where the agents made it
+    assert out["store"]["judge_fetches"] == 8 * 4
+    assert sum(out["store"]["bytes_read_by_node"].values()) > 0
+    assert set(out["store"]["bytes_read_by_node"]) <= set(out["store"]["bytes_by_node"])
+
+
+def test_lower_bound_formula_on_a_two_round_diamond():
+    topo = load_topology_text(f"""
+name: diamond
+rounds: 2
+defaults: {{model: "{SIM}"}}
+agents:
+  a: {{role: solver, prompt: "{{problem}}"}}
+  b: {{role: solver, prompt: "{{problem}} {{previous}}"}}
+  c: {{role: solver, prompt: "{{problem}} {{previous}}"}}
+  d: {{role: solver, prompt: "{{problem}} {{previous}}"}}
+edges: [{{source: a, target: b}}, {{source: a, target: c}}, {{source: b, target: d}}, {{source: c, target: d}}]
+judge: {{method: naive}}
+""")
+    gen = {"a": 1.0, "b": 2.0, "c": 5.0, "d": 1.0}
+    costs = {"gen": gen, "enc": {"a": 0.5, "b": 0.0, "c": 0.0, "d": 0.25}, "judge": 3.0, "per_replica": {SIM: 2.0}}
+    b = lower_bound(topo, 10, costs, {SIM: 2})
+    assert b["critical_path_s"] == pytest.approx((1 + 5 + 1) + (1.5 + 5 + 1.25) + 3)
+    assert b["work_bound_s"] == pytest.approx(10 * (2 * 9 + 0.75) / (2 * 2))
+    assert b["judge_bound_s"] == pytest.approx(30.0)
+    assert b["lower_bound_s"] == pytest.approx(max(b["critical_path_s"], b["work_bound_s"], 30.0))
+
+
+@ray.remote(num_cpus=0)
+class _Producer:
+    def put(self, key: str, n: int) -> int:
+        store = ray.get_actor("scale-store", namespace="kvjudge")
+        seg = KVSegment(torch.arange(n, dtype=torch.float32).view(1, 1, n // 8, 8),
+                        -torch.arange(n, dtype=torch.float32).view(1, 1, n // 8, 8), 0, tuple(range(n // 8)))
+        assert put_segment(store, key, seg, {"agent": "p"})
+        return ray.get_runtime_context().get_node_id()
+
+
+def _actor_heap(self) -> dict:
+    """Run inside the store actor: what its directory holds, and its resident memory."""
+    held = [v[0] for v in self._items.values()]
+    tensors = sum(1 for v in held if isinstance(v, (KVSegment, torch.Tensor)))
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"tensors": tensors, "rss": rss, "types": sorted({type(v).__name__ for v in held})}
+
+
+def test_store_keeps_refs_not_bytes_and_outlives_the_producer(sim_ray):
+    store = get_or_create_store("scale-store", budget_bytes=1 << 30, namespace="kvjudge")
+    try:
+        n = (1 << 20) // 4 // 2  # keys + values = 1 MiB of fp32
+        before = ray.get(store.__ray_call__.remote(_actor_heap))
+        producer = _Producer.remote()
+        node = ray.get(producer.put.remote("k0", n))
+        for i in range(1, 32):  # 32 MiB in all through the store's directory
+            ray.get(producer.put.remote(f"k{i}", n))
+        entry = ray.get(store.get.remote("k0"))
+        assert isinstance(entry, SegmentRef) and entry.nbytes == 1 << 20 and entry.node == node
+        assert len(entry.refs) == 1 and isinstance(entry.refs[0], ray.ObjectRef)
+        after = ray.get(store.__ray_call__.remote(_actor_heap))
+        assert after["tensors"] == 0 and after["types"] == ["SegmentRef"]
+        assert after["rss"] - before["rss"] < 8 << 20  # 32 MiB registered, far less resident in the actor
+        stats = ray.get(store.stats.remote())
+        assert stats["bytes_by_node"] == {node: 32 << 20}
+        assert get_segment(store, "k31") is not None  # (the store's adoption of the last put is done)
+        ray.kill(producer, no_restart=True)  # the store owns the segments: they outlive their producer
+        time.sleep(0.5)
+        seg = get_segment(store, "k31")
+        assert seg is not None and seg.keys.shape == (1, 1, n // 8, 8)
+        assert torch.equal(seg.values.flatten(), -torch.arange(n, dtype=torch.float32))
+    finally:
+        kill_store("scale-store", namespace="kvjudge")
