@@ -25,6 +25,7 @@ from kvjudge.agents.batching import BatchQueue
 from kvjudge.agents.generate import GenRequest, Generation, Generator
 from kvjudge.agents.sim import SimGenerator
 from kvjudge.cache.encoder import segment_key
+from kvjudge.cache.compress.registry import compress_segment
 from kvjudge.cache.store_actor import get_store, put_segment
 from kvjudge.models import load_model
 from kvjudge.models.sim import is_sim_spec, parse_sim_spec
@@ -43,6 +44,7 @@ def make_generator(model: str) -> Generator | SimGenerator:
 
 class _AgentActorImpl:
     def __init__(self, model: str, store_name: str | None, namespace: str | None, num_threads: int = 1,
+                 compress: dict | None = None,
                  max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
@@ -57,12 +59,15 @@ class _AgentActorImpl:
         self._count_lock = threading.Lock()
         if store_name:
             self.store = get_store(store_name, namespace)
+        self.compress = compress if compress and compress.get("method", "none") != "none" else None
 
     def ready(self) -> dict:
-        """``{"model_id", "node", "pid", "max_batch"}`` or ``{"error": one line}`` when the model did not load."""
+        """``{"model_id", "node", "node_id", "pid", "max_batch"}`` (``node``: IP address, ``node_id``: Ray's
+        id, distinct for several nodes on one host) or ``{"error": one line}`` when the model did not load."""
         if self.error:
             return {"error": self.error, "node": ray.util.get_node_ip_address()}
-        return {"model_id": self.gen.model_id, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+        return {"model_id": self.gen.model_id, "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "max_batch": self.batcher.max_batch}
 
     def generate(self, request: dict) -> dict:
@@ -90,7 +95,7 @@ class _AgentActorImpl:
         if publish and self.store is not None and g.agent_kv is not None:
             key = segment_key(self.gen.model_id, g.prompt_ids, g.token_ids)
             meta = {"model_id": self.gen.model_id, "agent": request["agent"], "kind": "agent"}
-            if not put_segment(self.store, key, g.agent_kv, meta):  # a lost put is a miss later, not an error
+            if not self._put(key, g.agent_kv, meta, None):  # a lost put is a miss later, not an error
                 key = None
         return {
             "agent": request["agent"],
@@ -121,7 +126,18 @@ class _AgentActorImpl:
         if self.store is None:
             return False
         seg = self.gen.encode(list(context_ids), list(ids))
-        return put_segment(self.store, key, seg, {**(meta or {}), "model_id": self.gen.model_id})
+        return self._put(key, seg, {**(meta or {}), "model_id": self.gen.model_id}, list(context_ids))
+
+    def _put(self, key: str, seg, meta: dict, context_ids: list[int] | None) -> bool:
+        """Put ``seg`` into the store, token-compressed first when the store asks for it (``store.compress``):
+        the kept tokens keep their own positions, and the store's budget counts only the kept bytes."""
+        if self.compress and hasattr(self.gen, "lm"):
+            context = self.gen.runner.context(context_ids) if context_ids else None
+            full = seg.nbytes
+            seg = compress_segment(seg, self.gen.lm.model, self.compress["method"], float(self.compress["ratio"]),
+                                   context=context)
+            meta = {**meta, "uncompressed_bytes": int(full), "compress": self.compress["method"]}
+        return put_segment(self.store, key, seg, meta)
 
     def stats(self) -> dict:
         """Batching counters (``batches``, ``items``, ``mean_batch``, ``last_batch``, ``busy_s``) and

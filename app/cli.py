@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
 from kvjudge.judges.catalog import METHOD_ORDER
 
@@ -73,6 +74,30 @@ def _add_model(p: argparse.ArgumentParser, default: str = "tiny-llama") -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
+def parse_compress(value: str | None) -> dict | None:
+    """``METHOD:RATIO`` (kept fraction of tokens in (0, 1]) -> ``{"method", "ratio"}``; ``none`` -> None."""
+    if value is None or value == "none":
+        return None
+    method, _, ratio = value.partition(":")
+    if method not in COMPRESSION_METHODS:
+        raise UserError(f"--compress: unknown method {method!r}; known: {', '.join(COMPRESSION_METHODS)}")
+    try:
+        kept = float(ratio)
+    except ValueError:
+        raise UserError(f"--compress {value!r}: write METHOD:RATIO with RATIO the kept fraction, e.g. laprox:0.25") \
+            from None
+    if not 0.0 < kept <= 1.0:
+        raise UserError(f"--compress: the kept ratio must be in (0, 1], got {ratio}")
+    return {"method": method, "ratio": kept}
+
+
+def _floats(flag: str, value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{flag}: {value!r} is not a comma-separated list of numbers") from None
+
+
 def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None:
     p.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default=default_kv,
                    help="where candidate KV comes from: agent (as the agent computed it while writing), isolated "
@@ -117,6 +142,7 @@ def build_parser() -> Parser:
     r.add_argument("--replicas", default=None, help="agent actors per model: N or auto (default: the topology's)")
     r.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live dashboard")
     _add_judge_modes(r, None)
+    r.add_argument("--compress", default=None, help="token-compress stored candidate KV: METHOD:RATIO (kept fraction), e.g. laprox:0.25")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="DG-JKR evaluation protocol: generate once, judge under shuffles, report")
@@ -135,6 +161,7 @@ def build_parser() -> Parser:
     e.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and judge only what is missing")
     _add_judge_modes(e, "agent")
     e.add_argument("--gate-arm", default="naive", help="the random gate's reuse arm: naive, kvcomm or pal_kv")
+    e.add_argument("--compress", default=None, help="token-compress stored candidate KV: METHOD:RATIO (kept fraction), e.g. laprox:0.25")
     e.add_argument("--unsafe-exec", action="store_true",
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
     e.set_defaults(func=cmd_eval)
@@ -156,6 +183,20 @@ def build_parser() -> Parser:
                     help="where candidate KV comes from (default judge_prefix)")
     bj.add_argument("--json", action="store_true")
     bj.set_defaults(func=cmd_bench_judge)
+
+    bc = bsub.add_parser("compress", help="judge consistency vs kept ratio of token-compressed candidate KV")
+    _add_model(bc, default="smollm2-135m")
+    bc.add_argument("--candidates", required=True, help="a candidates.jsonl (lines with their own problem need no dataset)")
+    bc.add_argument("--dataset", default=None, help="the dataset task ids refer to (default: from the task id)")
+    bc.add_argument("--methods", default="laprox,streaming,snapkv,knorm,random", help="compression methods")
+    bc.add_argument("--ratios", default="1.0,0.5,0.25,0.1,0.05", help="kept ratios")
+    bc.add_argument("--judge-methods", default="naive,dg_jkr", help="judge methods to measure")
+    bc.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="judge_prefix")
+    bc.add_argument("--seeds", default="42", help="shuffle seeds")
+    bc.add_argument("--limit", type=int, default=None, help="first N candidate sets")
+    bc.add_argument("--out", default=None, help="folder for compress.json and the plot (default runs/bench-compress)")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=cmd_bench_compress)
     return root
 
 
@@ -237,6 +278,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if modes:
         positive("judge-max-tokens", args.judge_max_tokens)
         topo = topo.model_copy(update={"judge": topo.judge.model_copy(update=modes)})
+    if args.compress is not None:
+        from kvjudge.topologies.schema import CompressSpec
+
+        spec = parse_compress(args.compress)
+        store = topo.store.model_copy(update={"compress": CompressSpec(**spec) if spec else None})
+        topo = topo.model_copy(update={"store": store})
     problems = load_problems(args.problems, args.limit)
     out = Path(args.out) if args.out else default_out(topo.name)
     try:
@@ -267,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         candidates=Path(args.candidates).expanduser() if args.candidates else None, data=args.data,
         resume=args.resume, device=args.device, candidate_kv=args.candidate_kv,
         judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
-        gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec,
+        gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
     )
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
     reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
@@ -315,6 +362,36 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         Console().print(bench_table(result))
+    return 0
+
+
+def cmd_bench_compress(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.compress_bench import bench_compress
+    from kvjudge.experiments.config import parse_seeds
+
+    positive("limit", args.limit)
+    path = Path(args.candidates).expanduser()
+    if not path.is_file():
+        raise UserError(f"--candidates: file not found: {path}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in COMPRESSION_METHODS]
+    if bad:
+        raise UserError(f"--methods: unknown compression method {bad[0]!r}; known: {', '.join(COMPRESSION_METHODS)}")
+    judge_methods = [m.strip() for m in args.judge_methods.split(",") if m.strip()]
+    bad = [m for m in judge_methods if m not in METHOD_ORDER]
+    if bad:
+        raise UserError(f"--judge-methods: unknown judge method {bad[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    out = Path(args.out) if args.out else Path("runs") / "bench-compress"
+    result = bench_compress(path, args.model, methods, _floats("ratios", args.ratios), judge_methods,
+                            candidate_kv=args.candidate_kv, seeds=parse_seeds(args.seeds), limit=args.limit,
+                            out_dir=out, dataset=args.dataset)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for p in result.get("points", []):
+        print(f"{p['method']:<10} kept {p['ratio']:<5g} {p['judge_method']:<8} JCR {p['jcr'] if p['jcr'] is None else round(p['jcr'], 3)}"
+              f"  vs uncompressed {p.get('jcr_vs_uncompressed')}  bytes {p.get('store_bytes')}")
+    print(f"-> {out / 'compress.json'}")
     return 0
 
 

@@ -138,6 +138,16 @@ def store_panel(s: Snapshot) -> Panel:
     rate = f"{hits / (hits + misses):.0%}" if hits + misses else "-"
     lines.append(_line(("entries ", "dim"), str(st.get("entries", 0)), ("  hits ", "dim"), f"{hits}/{hits + misses}",
                        f" ({rate})", ("  evictions ", "dim"), str(st.get("evictions", 0))))
+    extra: list = []
+    if st.get("bytes_saved"):
+        extra += [("compression saved ", "dim"), fmt_bytes(st["bytes_saved"])]
+    if s.store_restarts:
+        extra += [("  store restarts ", "dim"), (str(s.store_restarts), "yellow")]
+    nodes = st.get("bytes_by_node") or {}
+    if len(nodes) > 1:
+        extra += [("  on ", "dim"), f"{len(nodes)} nodes"]
+    if extra:
+        lines.append(_line(*extra))
     return Panel(Group(*lines), title="[bold]KV store[/]", title_align="left", border_style="magenta")
 
 

@@ -124,7 +124,8 @@ class KVRunner:
             kv = from_cache(out.past_key_values, 0, None, known)
         return logprobs, kv
 
-    def _remember(self, key: str, seg: KVSegment) -> KVSegment:
+    def remember(self, key: str, seg: KVSegment) -> KVSegment:
+        """Keep ``seg`` under ``key`` (replacing what was there): later lookups of the key return it."""
         old = self._memo.pop(key, None)
         if old is not None:
             self.memo_bytes -= old.nbytes
@@ -149,7 +150,7 @@ class KVRunner:
         if seg is None:
             _, seg = self.forward(ids, keep_cache=True)
             self.encode_tokens += len(ids)
-            seg = self._remember(key, seg)
+            seg = self.remember(key, seg)
         return seg
 
     def encode(self, context_ids: Sequence[int], segment_ids: Sequence[int]) -> KVSegment:
@@ -161,18 +162,18 @@ class KVRunner:
             seg = self.fetch(key)
             if seg is not None and seg.length == len(segment_ids):
                 self.fetched += 1
-                return self._remember(key, self._adopt(seg, len(context_ids)))
+                return self.remember(key, self._adopt(seg, len(context_ids)))
             seg = None
         if seg is None and not context_ids:  # alone from position 0 (same key as :meth:`context`)
             _, seg = self.forward(segment_ids, keep_cache=True)
             self.encode_tokens += len(segment_ids)
-            seg = self._remember(key, seg)
+            seg = self.remember(key, seg)
         if seg is None:
             ctx = self.context(context_ids)
             _, full = self.forward(segment_ids, past=ctx, keep_cache=True)
             self.encode_tokens += len(segment_ids)
             part = full.slice(ctx.length, full.length)  # a view of prefix + segment: copy it out
-            seg = self._remember(key, KVSegment(part.keys.clone(), part.values.clone(), part.start, part.token_ids))
+            seg = self.remember(key, KVSegment(part.keys.clone(), part.values.clone(), part.start, part.token_ids))
         return seg
 
     def _adopt(self, segment: KVSegment, start: int) -> KVSegment:

@@ -125,8 +125,10 @@ class KVStore:
         :class:`~kvjudge.cache.store_actor.SegmentRef`, what readers pull from that node)."""
         with self._lock:
             by_node: Counter = Counter()
-            for value, size, _ in self._items.values():
+            saved = 0
+            for value, size, meta in self._items.values():
                 by_node[str(getattr(value, "node", None) or "here")] += size
+                saved += max(0, int(meta.get("uncompressed_bytes", size)) - size)
             return {
                 "entries": len(self._items),
                 "bytes": self._bytes,
@@ -137,6 +139,7 @@ class KVStore:
                 "puts": self.puts,
                 "rejected": self.rejected,
                 "bytes_by_node": dict(by_node),
+                "bytes_saved": saved,  # by token compression of the entries held now
                 "bytes_read_by_node": dict(self._read_by_node),
                 "started_at": self.started_at,
             }

@@ -176,13 +176,14 @@ def _store_figures(records: list[dict]) -> dict:
 
 def bench_run(topology: str | Path | Topology, model: str | None = None, problems: int | str = 32, *,
               concurrency: int | None = None, replicas: int | str | None = None, address: str | None = None,
-              progress: Reporter | None = None, limit: int | None = None) -> dict:
+              progress: Reporter | None = None, limit: int | None = None, out_dir: str | Path | None = None) -> dict:
     """Run ``topology`` on ``problems`` and compare its makespan with the lower bound.
 
     ``problems``: a number (that many synthetic problems), a dataset name or a JSONL file
     (``limit`` keeps the first N). ``replicas``/``concurrency``: as ``kvjudge run`` (``None``: the
     topology's ``agent_replicas`` / enough to keep every replica busy). ``progress``: a Reporter that
-    sees the run's events. Returns a JSON-able dict with ``makespan_s``, ``lower_bound_s``,
+    sees the run's events; ``out_dir``: where ``results.jsonl`` goes (a new folder; default a temporary
+    one, removed afterwards). Returns a JSON-able dict with ``makespan_s``, ``lower_bound_s``,
     ``ratio_to_bound``, ``throughput_per_s``, ``agent_utilisation``, ``store`` and the bound's parts.
     """
     topo = _topology(topology, model)
@@ -193,8 +194,8 @@ def bench_run(topology: str | Path | Topology, model: str | None = None, problem
     else:
         items = load_problems(str(problems), limit=limit)
     timing = _Timing(progress)
-    with tempfile.TemporaryDirectory(prefix="kvjudge-bench-") as out:
-        counts = run(topo, items, Path(out), model=None, address=address, reporter=timing,
+    with tempfile.TemporaryDirectory(prefix="kvjudge-bench-") as tmp:
+        counts = run(topo, items, Path(out_dir or tmp), model=None, address=address, reporter=timing,
                      concurrency=concurrency, replicas=replicas)
         path = Path(counts["results"])
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \

@@ -132,7 +132,7 @@ def bench_compress(
             for ratio in ratios:
                 comp = [(key, compress_segment(seg, lm.model, method, ratio, context=ctx)) for key, seg, ctx in items]
                 for key, c in comp:
-                    judge.runner._remember(key, c)
+                    judge.runner.remember(key, c)
                 try:
                     got = {}
                     for m in judge_methods:
@@ -143,7 +143,7 @@ def bench_compress(
                             rows.setdefault((method, float(ratio), m), {}).setdefault("error", f"{type(exc).__name__}: {exc}")
                 finally:
                     for key, seg, _ in items:
-                        judge.runner._remember(key, seg)
+                        judge.runner.remember(key, seg)
                 for m in judge_methods:
                     row = rows.setdefault((method, float(ratio), m), {})
                     row.setdefault("bytes", 0)

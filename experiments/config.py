@@ -36,6 +36,7 @@ class EvalConfig:
     judge_max_tokens: int = 256
     gate_arm: str = "naive"  # the random gate's reuse arm
     unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
+    compress: dict | None = None  # {"method", "ratio"}: candidate KV token-compressed as a store would
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

@@ -14,6 +14,8 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 
+from kvjudge.cache.compress.registry import compress_segment
+from kvjudge.cache.segments import CompressedSegment
 from kvjudge.experiments import metrics as M
 from kvjudge.experiments.candidates import CandidateSet
 from kvjudge.experiments.config import PAPER_RANDOM_COVERAGE
@@ -116,9 +118,24 @@ def shown_candidates(cs: CandidateSet, perm: Sequence[int], candidate_kv: str,
     return [cs.candidate(i, model_id) for i in perm], sources
 
 
+def compress_candidates(judge: Judge, problem: str, candidates: list, compress: dict) -> None:
+    """Replace the candidates' cached KV by its token-compressed form, as a compressing store would
+    hand it to the judge (``store.compress`` / ``--compress``); dense prefill is unaffected."""
+    runner = judge.runner
+    for cand in candidates:
+        req = judge.candidate_kv_request(problem, cand)
+        seg = runner.lookup(req["key"])
+        if seg is None or isinstance(seg, CompressedSegment):
+            continue
+        context = runner.context(req["context_ids"]) if req["context_ids"] else None
+        runner.remember(req["key"], compress_segment(seg, judge.lm.model, compress["method"],
+                                                     float(compress["ratio"]), context=context))
+
+
 def judge_all(judge: Judge, problems: Sequence[dict], sets: dict[str, CandidateSet], passes: dict[str, list[bool]],
               seeds: Sequence[int], methods: Sequence[str], log: ResultsLog,
-              progress: Callable[[str], None] | None = None, gate_arm: str = "naive") -> dict[int, float]:
+              progress: Callable[[str], None] | None = None, gate_arm: str = "naive",
+              compress: dict | None = None) -> dict[int, float]:
     """Judge every (problem, seed, method) not already in ``log``; returns random_gate's coverage per seed.
 
     Per seed: dense, then DG-JKR, then the other methods, problem by problem on the same
@@ -127,7 +144,7 @@ def judge_all(judge: Judge, problems: Sequence[dict], sets: dict[str, CandidateS
     first = ["dense"] + (["dg_jkr"] if "dg_jkr" in methods else [])
     rest = first + [m for m in methods if m not in first and m != "random_gate"]
     task_ids = [str(p["id"]) for p in problems]
-    step = _Step(judge, sets, passes, log, progress)
+    step = _Step(judge, sets, passes, log, progress, compress)
     used: dict[int, float] = {}
     for seed in seeds:
         for p in problems:
@@ -150,8 +167,9 @@ class _Step:
     """Judges one problem under one seed's permutation with some methods, appending a record each."""
 
     def __init__(self, judge: Judge, sets: dict[str, CandidateSet], passes: dict[str, list[bool]],
-                 log: ResultsLog, progress: Callable[[str], None] | None) -> None:
+                 log: ResultsLog, progress: Callable[[str], None] | None, compress: dict | None = None) -> None:
         self.judge, self.sets, self.passes, self.log, self.progress = judge, sets, passes, log, progress
+        self.compress = compress
         self.warmed = False
 
     def run(self, problem: dict, seed: int, methods: list[str], extra: dict | None = None) -> None:
@@ -163,6 +181,8 @@ class _Step:
         mode = getattr(self.judge, "candidate_kv", "judge_prefix")
         shown, sources = shown_candidates(cs, perm, mode, getattr(getattr(self.judge, "lm", None), "model_id", None))
         self.judge.prefetch(problem["prompt"], shown)  # the store would hold these: not part of any latency
+        if self.compress:
+            compress_candidates(self.judge, problem["prompt"], shown, self.compress)
         if not self.warmed:  # first-call overheads (kernels, allocator) out of the timed runs
             self.judge.judge(problem["prompt"], shown, method="dense", sources=sources)
             self.warmed = True

@@ -97,7 +97,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         bar.start(todo, f"eval {cfg.dataset}")
         with _timed(timings, "judging_s"):
             used = judge_all(judge, problems, sets, passes, cfg.seeds, cfg.methods, log,
-                             lambda desc: bar.advance(f"{desc} · {running_metrics(log)}"), gate_arm=cfg.gate_arm)
+                             lambda desc: bar.advance(f"{desc} · {running_metrics(log)}"), gate_arm=cfg.gate_arm,
+                             compress=cfg.compress)
     finally:
         bar.close()
         log.close()
@@ -198,6 +199,7 @@ def run_config(cfg: EvalConfig, lm: LoadedModel, sets: dict[str, CandidateSet], 
         "candidate_kv": cfg.candidate_kv, "judge_output": cfg.judge_output,
         "judge_max_tokens": cfg.judge_max_tokens if cfg.judge_output == "generate" else None,
         "random_gate_arm": cfg.gate_arm if gate else None,
+        "compress": cfg.compress,
         "n_problems": len(task_ids), "n_candidates": sorted({len(sets[t].candidates) for t in task_ids}),
         "candidates": source, "data": cfg.data,
         "random_gate_coverage": {str(s): c for s, c in used.items()} or None,

@@ -73,3 +73,107 @@ def test_run_against_a_ray_start_head_cluster(tmp_path):
         # anything the cluster daemonised out of our group still names its temp dir
         subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# a sim agent's candidate segment: 16 tokens x 4 layers x 8 heads x 64 dims x fp32, keys + values = 256 KiB,
+# above the store's adoption threshold, so the bytes stay in the producing node's object store
+SIM_KV = "sim:tokens_per_s=160,answer_tokens=16,kv_layers=4,kv_heads=8,head_dim=64"
+SPREAD = f"""
+name: spread
+defaults: {{model: "{SIM_KV}", max_new_tokens: 32}}
+agents:
+  a1: {{role: solver, prompt: "Solve: {{problem}}"}}
+  a2: {{role: refiner, prompt: "Improve: {{previous}} for {{problem}}"}}
+edges: [{{source: a1, target: a2}}]
+judge: {{method: naive}}
+resources: {{judge_resource: judge, agent_replicas: 4}}
+"""
+
+
+def _ray_node(ray_cli: str, env: dict, temp_dir: str, *args: str) -> subprocess.Popen:
+    """``ray start --block`` in its own process group (stopped by :func:`_stop`)."""
+    cmd = [ray_cli, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           "--block", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):  # workers first, the head last
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp_path, monkeypatch):
+    """Head (1 CPU, the `judge` resource) + two worker nodes (2 CPUs each) on loopback: 4 agent replicas
+    cannot fit on one node, the judge is pinned to the head, and every candidate segment stays on the
+    worker node that made it, from where the judge reads it."""
+    import ray
+
+    from kvjudge.topologies import load_topology_text
+    from kvjudge.topologies.runner import run
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="kvjm-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process is a client of the cluster too
+    procs = [_ray_node(ray_cli, env, temp_dir, "--head", f"--port={port}", "--num-cpus=1",
+                       '--resources={"judge": 1}', "--include-dashboard=false")]
+    address = f"127.0.0.1:{port}"
+    try:
+        status = [ray_cli, "status", f"--address={address}"]
+        deadline = time.time() + 90
+        while subprocess.run(status, capture_output=True, timeout=60, env=env).returncode != 0:
+            assert time.time() < deadline and procs[0].poll() is None, "ray start --head did not come up"
+            time.sleep(2)
+        for _ in range(2):
+            procs.append(_ray_node(ray_cli, env, temp_dir, f"--address={address}", "--num-cpus=2",
+                                   '--resources={"agents": 2}'))
+        ray.init(address=address, namespace="kvjudge", log_to_driver=False, logging_level="ERROR")
+        try:
+            deadline = time.time() + 90
+            while len([n for n in ray.nodes() if n["Alive"]]) < 3:
+                assert time.time() < deadline, "the worker nodes did not join"
+                time.sleep(1)
+            nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+            head = next(i for i, r in nodes.items() if r.get("judge"))
+            workers = {i for i, r in nodes.items() if r.get("agents")}
+            assert len(workers) == 2 and head not in workers
+
+            class Start:
+                info: dict = {}
+
+                def start(self, info):
+                    Start.info = info
+
+                def __getattr__(self, name):
+                    return lambda *a, **k: None
+
+            problems = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?"} for i in range(8)]
+            counts = run(load_topology_text(SPREAD), problems, tmp_path, reporter=Start(), concurrency=8)
+        finally:
+            ray.shutdown()
+        assert counts["done"] == 8 and counts["failed"] == 0
+        replica_nodes = [r["node_id"] for r in Start.info["replicas"][SIM_KV]]
+        assert len(replica_nodes) == 4 and set(replica_nodes) == workers  # spread: both workers, never the head
+        records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in records) == sorted(p["id"] for p in problems)
+        assert all(r["verdict"]["store_fetched"] == 2 for r in records)  # both candidates came from the store
+        store = max((r["store"] for r in records), key=lambda s: s["hits"])
+        seg = 2 * 16 * 4 * 8 * 64 * 4
+        # bytes live on the agent nodes that made them, and the judge (on the head) read them from there
+        assert set(store["bytes_by_node"]) <= workers and sum(store["bytes_by_node"].values()) == 16 * seg
+        assert set(store["bytes_read_by_node"]) <= workers and sum(store["bytes_read_by_node"].values()) >= 16 * seg
+        assert len(store["bytes_by_node"]) == 2  # both workers produced segments
+    finally:
+        _stop(procs)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from kvjudge.cache.segments import to_cache
 from kvjudge.experiments.diagnostics import DiagnoseError, run_diagnose
 from kvjudge.experiments.diagnostics.attention import _Recorder, answer_attention, method_attention, region_mass
-from kvjudge.experiments.diagnostics.common import NO_AGENT_PROMPTS, Call, make_judge, run_method
+from kvjudge.experiments.diagnostics.common import NO_AGENT_PROMPTS, Call, load_calls, make_judge, run_method
 from kvjudge.experiments.diagnostics.hybrid import hybrid_logprobs, key_deviation
 from kvjudge.experiments.diagnostics.progressive import jcr_by_n, progressive_rows
 from kvjudge.experiments.diagnostics.risk import _classifier, auc_ci, gate_at_precision, grouped_heldout
@@ -210,3 +210,14 @@ def test_bad_input_is_one_line(tmp_path, llama):
                      tmp_path / "o")
     with pytest.raises(DiagnoseError, match="unsupported method 'dg_jkr'"):
         run_diagnose("attention", _file(tmp_path), llama, ["dg_jkr"], "isolated", [1], None, tmp_path / "o")
+
+
+def test_agent_mode_rebuilds_old_files_prompts_from_the_topology(tmp_path, llama):
+    calls = load_calls(_file(tmp_path), [42, 123], 2, "agent", llama.model_id, topology="progressive_refinement")
+    assert len(calls) == 4 and all(c.n == 4 for c in calls)
+    for call in calls:  # each shown candidate carries its own agent's prompt, shuffled with it
+        assert all(isinstance(c, dict) and c["agent_prompt"] for c in call.shown)
+        first = next(c for c, src in zip(call.shown, call.sources) if src == "a1")
+        assert call.problem in first["agent_prompt"]
+    case = make_judge(llama, "agent").case(calls[0].problem, calls[0].shown, calls[0].sources)
+    assert case.candidate_kv == "agent" and case.contexts and all(case.contexts)

@@ -69,6 +69,7 @@ class Replicas:
 
     actors: list
     nodes: list[str] = field(default_factory=list)
+    node_ids: list[str] = field(default_factory=list)  # Ray node ids (several nodes may share an IP)
     load: list[int] = field(default_factory=list)
     stats: list[dict] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,6 +77,7 @@ class Replicas:
     def __post_init__(self) -> None:
         self.load = [0] * len(self.actors)
         self.stats = [{"state": "idle", "tokens_per_s": 0.0, "batch": 0} for _ in self.actors]
+        self.node_ids = self.node_ids or ["?"] * len(self.actors)
 
     def pick(self) -> int:
         with self._lock:
@@ -94,7 +96,8 @@ class Replicas:
 
     def view(self) -> list[dict]:
         with self._lock:
-            return [{"node": n, "in_flight": ld, **st} for n, ld, st in zip(self.nodes, self.load, self.stats)]
+            return [{"node": n, "node_id": i, "in_flight": ld, **st}
+                    for n, i, ld, st in zip(self.nodes, self.node_ids, self.load, self.stats)]
 
 
 class Orchestrator:
@@ -135,20 +138,24 @@ class Orchestrator:
         store = self.topology.store
         self.store = get_or_create_store(STORE_NAME, budget_bytes=store.budget_bytes, eviction=store.eviction,
                                          namespace=NAMESPACE)
-        threads = max(1, int(res.agent_num_cpus) or 1)
-        n = self._replica_count()
-        actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads)
-                      for _ in range(n)] for m in self.models}
+        # the judge first: its (pinned) node's CPU must not go to an agent replica asked for earlier
         j = self.topology.judge
         self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
             self.judge_model, j.method, j.method_kwargs(), STORE_NAME, NAMESPACE, 1,
             candidate_kv=j.candidate_kv, output=j.output, max_new_tokens=j.max_tokens,
         )
+        threads = max(1, int(res.agent_num_cpus) or 1)
+        n = self._replica_count()
+        compress = store.compress.model_dump() if store.compress is not None else None
+        actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads,
+                                                                             compress=compress)
+                      for _ in range(n)] for m in self.models}
         named = {f"agent model {m!r} replica {i + 1}": a for m, lst in actors.items() for i, a in enumerate(lst)}
         ready = self._ready({**named, f"judge model {self.judge_model!r}": self.judge})
         for m, lst in actors.items():
             infos = [ready[f"agent model {m!r} replica {i + 1}"] for i in range(len(lst))]
-            self.pools[m] = Replicas(lst, nodes=[str(i.get("node", "?")) for i in infos])
+            self.pools[m] = Replicas(lst, nodes=[str(i.get("node", "?")) for i in infos],
+                                     node_ids=[str(i.get("node_id", "?")) for i in infos])
         self.judge_info = ready[f"judge model {self.judge_model!r}"]
         why = ray.get(self.judge.check_candidates.remote("(probe)", len(self.specs)))
         if why:

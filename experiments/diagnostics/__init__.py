@@ -36,12 +36,14 @@ KINDS: dict[str, Callable[..., dict]] = {
 def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "smollm2-135m",
                  methods: Sequence[str] | None = None, candidate_kv: str = "agent",
                  seeds: Sequence[int] | None = None, limit: int | None = None, out: str | Path = "diagnostics",
-                 dataset: str | None = None, progress: Progress = None) -> dict:
+                 dataset: str | None = None, progress: Progress = None, topology: str | None = None) -> dict:
     """Run diagnostic ``kind`` (or ``all``) on the candidate file ``candidates``; write ``KIND.json``,
     its figures and ``diagnostics.md`` into ``out``. Returns ``{kind: result, ..., "report": path}``.
 
-    Bad input (unknown kind or method, missing file, agent mode without agent prompts) raises a
-    one-line :class:`DiagnoseError` / ``ValueError``."""
+    ``topology`` (a file or shipped name, e.g. ``progressive_refinement``): rebuilds the agent prompts
+    of a file written before prompts were kept (``agent`` mode only). Bad input (unknown kind or
+    method, missing file, agent mode without agent prompts) raises a one-line :class:`DiagnoseError`
+    / ``ValueError``."""
     kinds = list(KINDS) if kind == "all" else [kind]
     if kinds[0] not in KINDS:
         raise DiagnoseError(f"unknown diagnostic {kind!r}; known: {', '.join(KINDS)}, all")
@@ -51,7 +53,7 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
     methods = list(methods or DEFAULT_METHODS)
     seeds = [int(s) for s in (seeds if seeds is not None else PAPER_SEEDS)]
     lm = resolve_model(model)
-    calls = load_calls(candidates, seeds, limit, candidate_kv, lm.model_id, dataset)
+    calls = load_calls(candidates, seeds, limit, candidate_kv, lm.model_id, dataset, topology)
     out.mkdir(parents=True, exist_ok=True)
     judge = make_judge(lm, candidate_kv)
     results: dict = {}
@@ -59,6 +61,7 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
         t0 = time.perf_counter()
         res = KINDS[k](judge, calls, methods, out, progress)
         res["config"] = {"model": lm.model_id, "candidates": str(candidates), "candidate_kv": candidate_kv,
+                         "topology": topology,
                          "seeds": seeds, "limit": limit, "methods": methods, "calls": len(calls),
                          "seconds": round(time.perf_counter() - t0, 1)}
         (out / f"{k}.json").write_text(json.dumps(res, indent=1), encoding="utf-8")

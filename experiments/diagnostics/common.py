@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # the object API: files only, no pyplot state, no display
 
-from kvjudge.experiments.candidates import CandidateSet, load_candidates
+from kvjudge.experiments.candidates import CandidateSet, load_candidates, with_agent_prompts
 from kvjudge.experiments.data import ALIASES
 from kvjudge.experiments.datasets import DATASETS, load_dataset
 from kvjudge.experiments.judging import permutation
@@ -23,6 +23,7 @@ from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES
 from kvjudge.judges.judge import Judge
 from kvjudge.models import LoadedModel, load_model
+from kvjudge.topologies import load_topology, resolve_topology
 
 __all__ = [
     "Call", "DiagnoseError", "NO_AGENT_PROMPTS", "PAPER_SEEDS", "Progress", "calls_for", "case_of", "figure",
@@ -104,8 +105,11 @@ def calls_for(sets: dict[str, CandidateSet], texts: dict[str, str], seeds: Seque
 
 
 def load_calls(path: str | Path, seeds: Sequence[int], limit: int | None, candidate_kv: str, model_id: str,
-               dataset: str | None = None) -> list[Call]:
-    """The judge calls of the first ``limit`` candidate sets of ``path`` under each shuffle seed."""
+               dataset: str | None = None, topology: str | None = None) -> list[Call]:
+    """The judge calls of the first ``limit`` candidate sets of ``path`` under each shuffle seed.
+
+    In ``agent`` mode, sets without agent prompts (files written before prompts were kept) get them
+    rebuilt from ``topology`` (a file or shipped name) when one is given; else a one-line error."""
     if candidate_kv not in CANDIDATE_KV_MODES:
         raise DiagnoseError(f"unknown candidate-KV mode {candidate_kv!r}; known: {', '.join(CANDIDATE_KV_MODES)}")
     if limit is not None and int(limit) < 1:
@@ -115,7 +119,10 @@ def load_calls(path: str | Path, seeds: Sequence[int], limit: int | None, candid
     sets = load_candidates(path)  # one-line ValueError on a bad file
     if limit is not None:
         sets = dict(list(sets.items())[: int(limit)])
-    return calls_for(sets, _problem_texts(sets, dataset), seeds, candidate_kv, model_id)
+    texts = _problem_texts(sets, dataset)
+    if candidate_kv == "agent" and topology and any(cs.agent_prompts is None for cs in sets.values()):
+        with_agent_prompts(sets, texts, load_topology(resolve_topology(topology)))  # one-line ValueError
+    return calls_for(sets, texts, seeds, candidate_kv, model_id)
 
 
 def resolve_model(model: str | LoadedModel) -> LoadedModel:
