@@ -166,6 +166,21 @@ def build_parser() -> Parser:
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
     e.set_defaults(func=cmd_eval)
 
+    g = sub.add_parser("diagnose", help="why a reusing judge flips: attention, progressive, hybrid, risk")
+    g.add_argument("kind", choices=["attention", "progressive", "hybrid", "risk", "all"])
+    _add_model(g, default="smollm2-135m")
+    g.add_argument("--candidates", required=True, help="a candidates.jsonl (lines with their own problem need no dataset)")
+    g.add_argument("--methods", default="naive,kvcomm", help="reuse methods to compare with dense (default naive,kvcomm)")
+    g.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent",
+                   help="where candidate KV comes from (default agent, as the seed paper)")
+    g.add_argument("--topology", default="progressive_refinement",
+                   help="rebuilds agent prompts for files that lack them (default progressive_refinement)")
+    g.add_argument("--seeds", default="42,123,456", help="shuffle seeds")
+    g.add_argument("--limit", type=int, default=None, help="first N candidate sets")
+    g.add_argument("--dataset", default=None, help="the dataset task ids refer to (default: from the task id)")
+    g.add_argument("--out", default=None, help="output folder (default runs/diagnose)")
+    g.set_defaults(func=cmd_diagnose)
+
     d = sub.add_parser("dashboard", help="attach to the live dashboard of a run on a Ray cluster")
     d.add_argument("--address", default="auto", help="Ray address of the cluster (auto, HOST:6379, ray://HOST:10001)")
     d.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
@@ -183,6 +198,18 @@ def build_parser() -> Parser:
                     help="where candidate KV comes from (default judge_prefix)")
     bj.add_argument("--json", action="store_true")
     bj.set_defaults(func=cmd_bench_judge)
+
+    br = bsub.add_parser("run", help="makespan of a topology run against its lower bound (sim or a real model)")
+    br.add_argument("topology", help="a topology file or a shipped name")
+    br.add_argument("--model", default="sim:tokens_per_s=50",
+                    help="sim:tokens_per_s=N[,batch_speedup=B,...] (default sim:tokens_per_s=50) or a real model")
+    br.add_argument("--problems", default="32", help="N synthetic problems, a dataset name or a JSONL file (default 32)")
+    br.add_argument("--limit", type=int, default=None, help="first N problems of a dataset or file")
+    br.add_argument("--concurrency", type=int, default=None, help="problems in flight (default: keep replicas busy)")
+    br.add_argument("--replicas", default=None, help="agent actors per model: N or auto")
+    br.add_argument("--address", default=None, help="Ray address (default: embedded local Ray)")
+    br.add_argument("--json", action="store_true")
+    br.set_defaults(func=cmd_bench_run)
 
     bc = bsub.add_parser("compress", help="judge consistency vs kept ratio of token-compressed candidate KV")
     _add_model(bc, default="smollm2-135m")
@@ -362,6 +389,45 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         Console().print(bench_table(result))
+    return 0
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvjudge.experiments.bench_run import bench_run, bench_table
+
+    positive("limit", args.limit)
+    positive("concurrency", args.concurrency)
+    result = bench_run(args.topology, args.model, args.problems, concurrency=args.concurrency,
+                       replicas=_replicas(args.replicas), address=args.address, limit=args.limit)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    view = bench_table(result)
+    table = Table(title=view["title"])
+    for col in view["columns"]:
+        table.add_column(col)
+    for row in view["rows"]:
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.config import parse_seeds
+    from kvjudge.experiments.diagnostics import run_diagnose
+
+    positive("limit", args.limit)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHOD_ORDER]
+    if bad:
+        raise UserError(f"--methods: unknown judge method {bad[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    out = Path(args.out) if args.out else Path("runs") / "diagnose"
+    result = run_diagnose(args.kind, args.candidates, args.model, methods, args.candidate_kv, parse_seeds(args.seeds),
+                          args.limit, out, dataset=args.dataset, topology=args.topology)
+    print(f"-> {result['report']}")
     return 0
 
 

@@ -100,8 +100,10 @@ KVStoreActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(_Stor
 
 def put_segment(store: Any, key: str, segment: KVSegment, meta: dict | None = None) -> bool:
     """Put ``segment`` into the object store of this node, adopted by ``store``, and register it under
-    ``key``; ``False`` (a miss later, never an error) when the store refuses it or is unreachable."""
+    ``key`` (``store`` may also be an in-process :class:`KVStore`, which simply keeps it); ``False`` (a miss later, never an error) when the store refuses it or is unreachable."""
     seg = to_host(segment)
+    if not isinstance(store, ray.actor.ActorHandle):  # an in-process KVStore: no Ray involved
+        return bool(store.put(key, seg, meta))
     try:
         ctx = ray.get_runtime_context()
         ref = ray.put(seg)
@@ -115,6 +117,8 @@ def put_segment(store: Any, key: str, segment: KVSegment, meta: dict | None = No
 def get_segment(store: Any, key: str) -> KVSegment | None:
     """The segment under ``key`` pulled from the node that holds it, or ``None`` (missing, evicted,
     or lost with a store restart)."""
+    if not isinstance(store, ray.actor.ActorHandle):
+        return store.get(key)
     try:
         entry = ray.get(store.get.remote(key), timeout=GET_TIMEOUT_S)
         if isinstance(entry, SegmentRef):

@@ -106,11 +106,10 @@ def regime_rows(summary: dict, out_dir: Path | None) -> list[dict]:
     return rows
 
 
-def render_report(summary: dict, out_dir: Path | None = None) -> str:
+def _header(summary: dict, order: list[str]) -> list[str]:
+    """What ran, on what, and the paper's setting beside it."""
     cfg = summary["config"]
     ms = summary["methods"]
-    order = [m for m in ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"] if m in ms]
-    order += [m for m in ms if m not in order]
     seeds = ", ".join(map(str, cfg.get("seeds", [])))
     lines = [f"# DG-JKR evaluation: {cfg.get('dataset')}", ""]
     lines.append(f"Our numbers: judge and candidate model **{cfg.get('model')}** (`{cfg.get('model_id')}`, "
@@ -127,8 +126,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
     if cfg.get("skipped"):
         lines.append(f"Skipped (cannot be judged): {len(cfg['skipped'])} problems.")
     lines.append("")
+    return lines
 
-    # Table 1
+
+def _table1(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    cfg, ms, lines = summary["config"], summary["methods"], []
     lines += ["## Table 1: main results", ""]
     rows = []
     for m in order:
@@ -151,8 +153,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
     rows = [[_name(m), _pct(ms[m].get("measured_rate")), str(ms[m].get("unparseable", 0)),
              _pct(ms[m].get("unparseable_rate"))] for m in order]
     lines += _table(["Method", "Measured (%)", "Unparseable", "Unparseable (%)"], rows)
+    return lines
 
-    # Table 2
+
+def _table2(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    lines: list[str] = []
     lines += ["", "## Table 2: cross-regime generalization", ""]
     rows = []
     for r in regime_rows(summary, out_dir):
@@ -173,8 +178,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
             lines.append(f"- {METHOD_NAMES.get(a, a)} vs {METHOD_NAMES.get(b, b)}: {100 * t['jcr_a']:.2f}% vs "
                          f"{100 * t['jcr_b']:.2f}% ({100 * t['gap']:+.2f} pp), discordant {t['a_only']}/"
                          f"{t['b_only']}, p = {t['p_value']:.3g} (n = {t['n']})")
+    return lines
 
-    # Table 3
+
+def _table3(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    ms, lines = summary["methods"], []
     lines += ["", "## Table 3: functional metrics over seeds", ""]
     rows = []
     for m in order:
@@ -184,8 +192,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
                      _pm(r.get("jcr_mean_std")), p[0], p[1]])
     lines += _table(["Method", "JCR-F (%)", "JCR-F mean ± std", "Precision-F (%)", "JCR mean ± std",
                      "Paper JCR-F", "Paper Precision-F"], rows)
+    return lines
 
-    # Table 4
+
+def _table4(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    ms, lines = summary["methods"], []
     lines += ["", "## Table 4: per-problem judge latency", ""]
     rows = []
     for m in order:
@@ -200,8 +211,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
                       "As the paper accounts it (both arms in parallel, dense only on fallback: "
                       "max(naive, KVCOMM) + fallback rate x dense) it is "
                       f"{dg['latency_ms_parallel_arms']:.2f} ms ({dg['latency_ratio_parallel_arms']:.2f}x dense)."]
+    return lines
 
-    # Table 5
+
+def _table5(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    lines: list[str] = []
     part = summary.get("partition")
     lines += ["", "## Table 5: disagreement partition (DG-JKR)", ""]
     if part:
@@ -229,7 +243,11 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
                       f"{t(pooled['mean_length_test'])}; length variance {t(pooled['length_variance_test'])}."]
     else:
         lines.append("DG-JKR was not run: no partition.")
+    return lines
 
+
+def _plots_and_timings(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    cfg, lines = summary["config"], []
     lines += ["", "## Plots", "", "![JCR vs coverage](jcr_vs_coverage.png)", "",
               "![Latency ratio](latency_ratio.png)", ""]
     t = cfg.get("timings_s") or {}
@@ -237,6 +255,17 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
         lines.append("Timings: " + ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:.1f} s" for k, v in t.items())
                      + ".")
         lines.append("")
+    return lines
+
+
+def render_report(summary: dict, out_dir: Path | None = None) -> str:
+    """The report: what ran, then our Tables 1-5 beside the paper's, plots and timings."""
+    ms = summary["methods"]
+    order = [m for m in ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"] if m in ms]
+    order += [m for m in ms if m not in order]
+    lines = _header(summary, order)
+    for section in (_table1, _table2, _table3, _table4, _table5, _plots_and_timings):
+        lines += section(summary, order, out_dir)
     return "\n".join(lines)
 
 

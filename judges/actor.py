@@ -49,6 +49,7 @@ class _JudgeActorImpl:
         return {
             "model_id": lm.model_id if lm is not None else self.judge.model_id,
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "device": str(lm.device) if lm is not None else "sim",
             "gpus": torch.cuda.device_count(),
         }

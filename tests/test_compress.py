@@ -206,11 +206,13 @@ def test_bench_compress_sweep(tmp_path):
     path.write_text('{"task_id": "t/1", "problem": "What is 2+3?", "candidates": ["5", "The answer is 7", '
                     '"2+3=5 so five"], "sources": ["a1", "a2", "a3"]}\n')
     out = bench_compress(path, _model("tiny-llama"), methods=("knorm", "laprox"), ratios=(1.0, 0.25),
-                         judge_methods=("naive",), seeds=(42, 123), out_dir=tmp_path)
+                         judge_methods=("naive",), candidate_kv="judge_prefix", seeds=(42, 123), out_dir=tmp_path)
     pts = {(p["method"], p["ratio"]): p for p in out["points"]}
     assert set(pts) == {(m, r) for m in ("knorm", "laprox") for r in (1.0, 0.25)}
     for m in ("knorm", "laprox"):
         assert pts[(m, 1.0)]["jcr_vs_uncompressed"] == 1.0
         assert pts[(m, 1.0)]["jcr"] == out["uncompressed"]["naive"]["jcr"]
         assert abs(pts[(m, 0.25)]["store_ratio"] - 0.25) < 0.1
+        assert pts[(m, 1.0)]["score_shift"] < 1e-5 < pts[(m, 0.25)]["score_shift"]
+    assert out["candidate_kv"] == "judge_prefix"
     assert (tmp_path / "compress.json").is_file() and (tmp_path / "compress_jcr.png").is_file()

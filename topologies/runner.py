@@ -10,6 +10,7 @@ completion), flushed and fsynced; ``--resume`` skips finished ids, and Ctrl-C ke
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -21,7 +22,6 @@ from typing import Any
 import ray
 
 from kvjudge.agents.actor import AgentActor
-from kvjudge.cache.store import call
 from kvjudge.cache.store_actor import get_or_create_store
 from kvjudge.judges.actor import JudgeActor, judge_options
 from kvjudge.topologies.cluster import NAMESPACE, ClusterError, check_feasible, connect
@@ -123,7 +123,10 @@ class Orchestrator:
     # ---------------------------------------------------------------- set-up
     def start(self) -> dict:
         res = self.topology.resources
-        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1))
+        # an embedded Ray gets logical CPUs for every replica asked for (they may oversubscribe the cores)
+        asked = 1 if self.replicas_arg in (None, "", "auto") else max(1, int(self.replicas_arg))
+        want = math.ceil(asked * len(self.models) * res.agent_num_cpus) + 1
+        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want))
         try:
             agent_req = {"CPU": res.agent_num_cpus}
             for m in self.models:
@@ -138,6 +141,13 @@ class Orchestrator:
         store = self.topology.store
         self.store = get_or_create_store(STORE_NAME, budget_bytes=store.budget_bytes, eviction=store.eviction,
                                          namespace=NAMESPACE)
+        n = self._replica_count()
+        need = n * len(self.models) * float(res.agent_num_cpus) + 1.0  # + the judge's CPU
+        have = float(ray.cluster_resources().get("CPU", 0.0))
+        if need > have:  # else the actors that do not fit would wait for READY_TIMEOUT_S
+            raise RunError(f"{n} agent replica(s) x {len(self.models)} model(s) x {res.agent_num_cpus:g} CPU "
+                           f"(resources.agent_num_cpus) + 1 CPU for the judge need {need:g} CPUs, but the "
+                           f"cluster has {have:g}: ask for fewer --replicas")
         # the judge first: its (pinned) node's CPU must not go to an agent replica asked for earlier
         j = self.topology.judge
         self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
@@ -145,7 +155,6 @@ class Orchestrator:
             candidate_kv=j.candidate_kv, output=j.output, max_new_tokens=j.max_tokens,
         )
         threads = max(1, int(res.agent_num_cpus) or 1)
-        n = self._replica_count()
         compress = store.compress.model_dump() if store.compress is not None else None
         actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads,
                                                                              compress=compress)
@@ -277,6 +286,8 @@ class Orchestrator:
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # an actor that died twice, a task error: record it and go on
+            if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+                exc = exc.cause  # the error the actor raised (e.g. a prompt too long), not Ray's wrapper
             reason = " ".join(str(exc).split())
             record = {"id": problem["id"], "status": "failed", "error": f"{type(exc).__name__}: {reason[:500]}",
                       "candidates": list(results.values()), "elapsed_s": time.perf_counter() - t0}

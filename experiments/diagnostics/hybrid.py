@@ -203,6 +203,7 @@ def plot_hybrid(table: dict, path: Path) -> str:
         left.plot(ks, [100 * by_k[str(k)]["jcr"] for k in ks], marker="o", label=rule)
         right.plot([by_k[str(k)]["latency_ratio"] for k in ks], [100 * by_k[str(k)]["jcr"] for k in ks],
                    marker="o", label=rule)
+    left.set_xticks(sorted({int(k) for by_k in table.values() for k in by_k}))
     left.set_xlabel("k candidates recomputed in place")
     left.set_ylabel("JCR vs dense (%)")
     right.set_xlabel("latency / dense prefill")
