@@ -218,7 +218,8 @@ def build_parser() -> Parser:
     bc.add_argument("--methods", default="laprox,streaming,snapkv,knorm,random", help="compression methods")
     bc.add_argument("--ratios", default="1.0,0.5,0.25,0.1,0.05", help="kept ratios")
     bc.add_argument("--judge-methods", default="naive,dg_jkr", help="judge methods to measure")
-    bc.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="judge_prefix")
+    bc.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent",
+                    help="where candidate KV comes from (default agent)")
     bc.add_argument("--seeds", default="42", help="shuffle seeds")
     bc.add_argument("--limit", type=int, default=None, help="first N candidate sets")
     bc.add_argument("--out", default=None, help="folder for compress.json and the plot (default runs/bench-compress)")
@@ -455,8 +456,9 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     for p in result.get("points", []):
-        print(f"{p['method']:<10} kept {p['ratio']:<5g} {p['judge_method']:<8} JCR {p['jcr'] if p['jcr'] is None else round(p['jcr'], 3)}"
-              f"  vs uncompressed {p.get('jcr_vs_uncompressed')}  bytes {p.get('store_bytes')}")
+        jcr = "-" if p["jcr"] is None else f"{p['jcr']:.3f}"
+        print(f"{p['method']:<10} kept {p['ratio']:<5g} {p['judge_method']:<8} JCR {jcr}  vs uncompressed "
+              f"{p.get('jcr_vs_uncompressed')}  score shift {p.get('score_shift')}  bytes {p.get('store_bytes')}")
     print(f"-> {out / 'compress.json'}")
     return 0
 
