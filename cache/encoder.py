@@ -153,9 +153,11 @@ class KVRunner:
             seg = self.remember(key, seg)
         return seg
 
-    def encode(self, context_ids: Sequence[int], segment_ids: Sequence[int]) -> KVSegment:
+    def encode(self, context_ids: Sequence[int], segment_ids: Sequence[int], keep_context: bool = True) -> KVSegment:
         """KV of ``segment_ids`` encoded right after ``context_ids`` (memoised per content hash; an empty
-        context encodes the segment alone from position 0)."""
+        context encodes the segment alone from position 0). ``keep_context=False`` runs context and
+        segment in one pass and memoises only the segment: for contexts used once (an agent's prompt),
+        whose KV would only crowd the memo."""
         key = segment_key(self.model_id, context_ids, segment_ids)
         seg = self.lookup(key)
         if seg is None and self.fetch is not None:
@@ -168,6 +170,11 @@ class KVRunner:
             _, seg = self.forward(segment_ids, keep_cache=True)
             self.encode_tokens += len(segment_ids)
             seg = self.remember(key, seg)
+        if seg is None and not keep_context and segment_key(self.model_id, (), context_ids) not in self._memo:
+            _, full = self.forward(list(context_ids) + list(segment_ids), keep_cache=True)
+            self.encode_tokens += len(context_ids) + len(segment_ids)
+            part = full.slice(len(context_ids), full.length)
+            seg = self.remember(key, KVSegment(part.keys.clone(), part.values.clone(), part.start, part.token_ids))
         if seg is None:
             ctx = self.context(context_ids)
             _, full = self.forward(segment_ids, past=ctx, keep_cache=True)

@@ -115,7 +115,7 @@ class JudgeEngine:
             elif kind == "glue":
                 seg = self.runner.encode(prompt.prefix, ids)
             else:
-                seg = self.runner.encode(case.context(slot), ids)
+                seg = self.runner.encode(case.context(slot), ids, keep_context=False)  # a prompt used once
             kinds.append((kind, slot))
             segs.append(seg)
         placed = place(segs, self.runner.inv_freq)

@@ -388,6 +388,7 @@ def _drive(orch: Orchestrator, todo: list[dict], results: ResultsLog, counts: di
                 reporter.problem(record)
             if done:
                 reporter.status(store_restarts=orch.store_restarts)
+        reporter.status(in_flight=0, replicas=orch.replicas_view())
     finally:
         # Ctrl-C or an error: records already appended stay; problems still running are dropped
         # (the Ray shutdown that follows unblocks their threads)
