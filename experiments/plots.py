@@ -10,27 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg", force=True)  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kvjudge.experiments.report import METHOD_NAMES, PAPER  # noqa: E402
+from kvjudge.judges.catalog import ordered  # noqa: E402
+
 __all__ = ["plot_jcr_vs_coverage", "plot_latency_ratio", "write_plots"]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _order(methods: dict) -> list[str]:
-    first = [m for m in ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"] if m in methods]
-    return first + [m for m in methods if m not in first]
+    return ordered(methods)
 
 
 def plot_jcr_vs_coverage(summary: dict, path: Path) -> Path:
-    from kvjudge.experiments.report import METHOD_NAMES, PAPER
-
-    plt = _plt()
     ms = summary["methods"]
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     colors = plt.get_cmap("tab10")
@@ -60,9 +55,6 @@ def plot_jcr_vs_coverage(summary: dict, path: Path) -> Path:
 
 
 def plot_latency_ratio(summary: dict, path: Path) -> Path:
-    from kvjudge.experiments.report import METHOD_NAMES, PAPER
-
-    plt = _plt()
     ms = summary["methods"]
     order = _order(ms)
     ours = [ms[m].get("latency_ratio") or 0.0 for m in order]

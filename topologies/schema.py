@@ -227,10 +227,6 @@ class Topology(_Strict):
         """The file (or ``<string>``) this topology was read from."""
         return self._source
 
-    @property
-    def agent_ids(self) -> list[str]:
-        return list(self.agents)
-
     def agent_spec(self, agent_id: str) -> AgentSpec:
         """The agent with ``model``/``temperature``/``max_new_tokens``/``seed`` filled from ``defaults``."""
         try:
