@@ -15,6 +15,7 @@ from kvjudge.experiments.datasets import load_dataset
 from kvjudge.experiments.config import EvalConfig, parse_methods, parse_seeds
 from kvjudge.experiments.judging import gate_seed, judge_all, permutation, record_key, running_metrics, to_original
 from kvjudge.experiments.protocol import evaluate
+from kvjudge.experiments.sandbox import isolation_level
 from kvjudge.judges.base import Verdict
 from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.results import ResultsLog
@@ -249,7 +250,10 @@ def test_bad_flags_one_line(capsys, argv, message):
 def test_eval_humaneval_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval-humaneval"
     # one seed keeps the file fast on a 2-core machine (the seed loop is covered above)
-    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "3", "--seeds", "42", "--out", str(out)])
+    # generated code needs sandbox isolation; a machine without any still runs the protocol, unsafely
+    unsafe = ["--unsafe-exec"] if isolation_level() == "none" else []
+    code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "3", "--seeds", "42", "--out", str(out),
+                 *unsafe])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads((out / "summary.json").read_text())
@@ -285,7 +289,7 @@ def test_eval_humaneval_end_to_end(tmp_path, capsys):
     # --resume with a larger --limit generates only the new problem and keeps the old candidates
     gen_before = (out / "generation" / "results.jsonl").read_text().splitlines()
     code = main(["eval", "humaneval", "--model", "tiny-llama", "--limit", "4", "--seeds", "42", "--out", str(out),
-                 "--resume"])
+                 *unsafe, "--resume"])
     assert code == 0, capsys.readouterr().err
     gen_after = (out / "generation" / "results.jsonl").read_text().splitlines()
     assert gen_after[:3] == gen_before[:3] and len(gen_after) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +91,15 @@ def test_at_file_reads_regular_files_only(tmp_path):
     with pytest.raises(ValueError, match="larger than 1 MiB"):
         read_text(f"@{big}")
     _one_line(_cli("judge", "--problem", "p", "--candidate", "@/dev/zero"), "not a regular file")
+
+
+def test_eval_refuses_to_run_generated_code_without_isolation(tmp_path):
+    env = {**os.environ, "KVJUDGE_SANDBOX_ISOLATION": "none"}
+    proc = subprocess.run([sys.executable, "-m", "kvjudge.app.cli", "eval", "humaneval", "--model", "tiny-llama",
+                           "--limit", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    _one_line(proc, "no sandbox isolation available")
+    assert not (tmp_path / "o" / "generation").exists()  # refused before any work
 
 
 # ---------------------------------------------------------------- the cluster
