@@ -125,6 +125,14 @@ def build_parser() -> Parser:
     j.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     j.set_defaults(func=cmd_judge)
 
+    _run_parsers(sub)
+    _analysis_parsers(sub)
+    _bench_parsers(sub)
+    return root
+
+
+def _run_parsers(sub: argparse._SubParsersAction) -> None:
+    """``validate``, ``run`` and ``eval``."""
     v = sub.add_parser("validate", help="check a topology YAML file")
     v.add_argument("file", help="a topology file or a shipped name (progressive_refinement, debate, heterogeneous)")
     v.set_defaults(func=cmd_validate)
@@ -166,6 +174,10 @@ def build_parser() -> Parser:
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
     e.set_defaults(func=cmd_eval)
 
+
+
+def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
+    """``diagnose`` and ``dashboard``."""
     g = sub.add_parser("diagnose", help="why a reusing judge flips: attention, progressive, hybrid, risk")
     g.add_argument("kind", choices=["attention", "progressive", "hybrid", "risk", "all"])
     _add_model(g, default="smollm2-135m")
@@ -186,6 +198,10 @@ def build_parser() -> Parser:
     d.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     d.set_defaults(func=cmd_dashboard)
 
+
+
+def _bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """``bench judge``, ``bench run`` and ``bench compress``."""
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
     bj = bsub.add_parser("judge", help="time every judge method on the same cached candidates")
@@ -225,7 +241,6 @@ def build_parser() -> Parser:
     bc.add_argument("--out", default=None, help="folder for compress.json and the plot (default runs/bench-compress)")
     bc.add_argument("--json", action="store_true")
     bc.set_defaults(func=cmd_bench_compress)
-    return root
 
 
 # ---------------------------------------------------------------------------- the commands

@@ -117,7 +117,11 @@ def bench_compress(
     """Sweep kept ratio x compression method (see the module docstring) in candidate-KV mode
     ``candidate_kv`` (``None``: ``agent``); writes ``compress.json`` (after every set, so a sweep cut
     short keeps its numbers) and at the end ``compress_jcr.png`` into ``out_dir`` when given and returns
-    the same dict; ``progress`` gets a line per set."""
+    the same dict; ``progress`` gets a line per set.
+
+    Long on purpose: the sweep keeps the uncompressed reference, the compressed runs and the restore of
+    the uncompressed KV in one place, so no point can be measured on a judge left in a compressed state.
+    """
     mode = candidate_kv or "agent"
     if mode not in CANDIDATE_KV_MODES:
         raise CompressError(f"unknown candidate-KV mode {mode!r}; known: {', '.join(CANDIDATE_KV_MODES)}")
