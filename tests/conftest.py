@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kvjudge.models import LoadedModel, byte_tokenizer, tiny_model
 from kvjudge.models.tiny import spec_id
+
+# Every Ray the tests start is a loopback test cluster: token authentication off for all of them, set
+# once for the whole session. Ray caches the mode in the process at its first init, so a test that
+# flipped it for itself would leave later in-process clusters with a driver and a GCS that disagree.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",

@@ -128,7 +128,7 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="kvjm-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process is a client of the cluster too
+    assert os.environ.get("RAY_AUTH_MODE") == "disabled"  # conftest: this process is a client too
     procs = [_ray_node(ray_cli, env, temp_dir, "--head", f"--port={port}", "--num-cpus=1",
                        '--resources={"judge": 1}', "--include-dashboard=false")]
     address = f"127.0.0.1:{port}"
