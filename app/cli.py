@@ -91,6 +91,15 @@ def parse_compress(value: str | None) -> dict | None:
     return {"method": method, "ratio": kept}
 
 
+def _names(flag: str, value: str, known: tuple[str, ...], kind: str) -> list[str]:
+    """A comma-separated ``--flag`` list of names, each one of ``known`` (else a one-line error)."""
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in names if m not in known]
+    if bad:
+        raise UserError(f"--{flag}: unknown {kind} {bad[0]!r}; known: {', '.join(known)}")
+    return names
+
+
 def _floats(flag: str, value: str) -> list[float]:
     try:
         return [float(x) for x in value.split(",") if x.strip()]
@@ -436,10 +445,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from kvjudge.experiments.diagnostics import run_diagnose
 
     positive("limit", args.limit)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHOD_ORDER]
-    if bad:
-        raise UserError(f"--methods: unknown judge method {bad[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    methods = _names("methods", args.methods, METHOD_ORDER, "judge method")
     out = Path(args.out) if args.out else Path("runs") / "diagnose"
     result = run_diagnose(args.kind, args.candidates, args.model, methods, args.candidate_kv, parse_seeds(args.seeds),
                           args.limit, out, dataset=args.dataset, topology=args.topology)
@@ -455,14 +461,8 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
     path = Path(args.candidates).expanduser()
     if not path.is_file():
         raise UserError(f"--candidates: file not found: {path}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in COMPRESSION_METHODS]
-    if bad:
-        raise UserError(f"--methods: unknown compression method {bad[0]!r}; known: {', '.join(COMPRESSION_METHODS)}")
-    judge_methods = [m.strip() for m in args.judge_methods.split(",") if m.strip()]
-    bad = [m for m in judge_methods if m not in METHOD_ORDER]
-    if bad:
-        raise UserError(f"--judge-methods: unknown judge method {bad[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    methods = _names("methods", args.methods, COMPRESSION_METHODS, "compression method")
+    judge_methods = _names("judge-methods", args.judge_methods, METHOD_ORDER, "judge method")
     out = Path(args.out) if args.out else Path("runs") / "bench-compress"
     result = bench_compress(path, args.model, methods, _floats("ratios", args.ratios), judge_methods,
                             candidate_kv=args.candidate_kv, seeds=parse_seeds(args.seeds), limit=args.limit,
