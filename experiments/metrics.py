@@ -26,6 +26,9 @@ __all__ = [
     "jcr", "jcr_f", "pass_at_1", "reuse_rate", "coverage", "rate", "mean_latency",
     "precision_on_agreement", "expected_gated_jcr", "bootstrap_ci", "mean_std_over_seeds",
     "paired_test", "partition_analysis",
+    "slot_histogram", "chance_agreement", "cohen_kappa", "kappa_bootstrap_ci", "jcr_by_slot",
+    "position_consistency", "oracle_accuracy", "random_pick_accuracy", "majority_vote_accuracy",
+    "distinct_answers", "token_overlap",
 ]
 
 
@@ -258,3 +261,196 @@ def partition_analysis(lengths_agree: Sequence[Sequence[int]],
 
     return {"agreement": part(ma, va), "disagreement": part(md, vd),
             "mean_length_test": test(ma, md), "length_variance_test": test(va, vd)}
+
+
+# --- chance-corrected agreement ------------------------------------------------------------------
+#
+# Two judges shown the *same* display order agree on the candidate exactly when they agree on the
+# display slot, so JCR is the observed agreement p_o of the two judges' slot labels and Cohen's kappa
+# is taken over display slots: p_e = sum_k p_A(k) p_B(k) with p_X(k) the share of calls in which X
+# picked slot k. Slots are 1-based (``Verdict.winner``); a ``None`` slot drops the call from all of
+# these, as it drops out of JCR.
+
+def _paired_slots(a: Sequence, b: Sequence, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The calls where both judges named a slot, as two int arrays (shape ``(n,)``)."""
+    _check_pair(a, b, what)
+    keep = [(int(x), int(y)) for x, y in zip(a, b) if x is not None and y is not None]
+    if not keep:
+        raise ValueError(f"{what}: no call where both judges named a candidate")
+    arr = np.asarray(keep, dtype=int)
+    return arr[:, 0], arr[:, 1]
+
+
+def slot_histogram(slots: Sequence[int | None], n_slots: int) -> list[float]:
+    """Share of calls whose winner is display slot ``k`` (1-based), for ``k = 1..n_slots``: a list of
+    ``n_slots`` fractions over the calls with a winner (``None`` winners are left out). Raises
+    ``ValueError`` on no winners or a slot outside ``1..n_slots``."""
+    named = [int(s) for s in slots if s is not None]
+    if not named:
+        raise ValueError("slot_histogram: no winners")
+    if min(named) < 1 or max(named) > n_slots:
+        raise ValueError(f"slot_histogram: a slot outside 1..{n_slots}")
+    counts = np.bincount(np.asarray(named) - 1, minlength=n_slots)
+    return [float(c) / len(named) for c in counts]
+
+
+def chance_agreement(a_slots: Sequence[int | None], b_slots: Sequence[int | None]) -> float:
+    """``p_e = sum_k p_A(k) p_B(k)``: the agreement two independent judges with these winner-slot
+    marginals would reach by chance, over the calls where both named a slot (aligned by index)."""
+    a, b = _paired_slots(a_slots, b_slots, "chance_agreement")
+    k = int(max(a.max(), b.max())) + 1
+    pa = np.bincount(a, minlength=k) / a.size
+    pb = np.bincount(b, minlength=k) / b.size
+    return float(pa @ pb)
+
+
+def cohen_kappa(a_slots: Sequence[int | None], b_slots: Sequence[int | None]) -> float | None:
+    """Cohen's kappa of two judges' winner slots on the same calls: ``(p_o - p_e) / (1 - p_e)`` with
+    ``p_o`` the share of calls where both picked the same slot (= JCR over these calls) and ``p_e``
+    from :func:`chance_agreement`. ``None`` when ``p_e == 1`` (both always pick one and the same slot:
+    agreement says nothing). Equals ``sklearn.metrics.cohen_kappa_score`` otherwise."""
+    a, b = _paired_slots(a_slots, b_slots, "cohen_kappa")
+    p_o = float(np.mean(a == b))
+    p_e = chance_agreement(a.tolist(), b.tolist())
+    if p_e >= 1.0 - 1e-12:
+        return None
+    return (p_o - p_e) / (1.0 - p_e)
+
+
+def kappa_bootstrap_ci(a_slots: Sequence[int | None], b_slots: Sequence[int | None], groups: Sequence,
+                       n_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of :func:`cohen_kappa`, resampling **groups** (problems: every call of
+    a drawn problem, all its shuffle seeds, comes along) with replacement, seeded by ``seed``.
+
+    ``groups[i]`` names the problem of call ``i`` (aligned with the slots). Resamples whose kappa is
+    undefined (``p_e == 1``) are left out; ``None`` when every one is, or when no call has two slots.
+    Vectorised: per-problem counts ``(P, K)`` times resample weights ``(R, P)``.
+    """
+    _check_pair(a_slots, b_slots, "kappa_bootstrap_ci")
+    _check_pair(a_slots, groups, "kappa_bootstrap_ci")
+    rows = [(g, int(x), int(y)) for g, x, y in zip(groups, a_slots, b_slots) if x is not None and y is not None]
+    if not rows:
+        return None
+    names = {g: i for i, g in enumerate(dict.fromkeys(r[0] for r in rows))}
+    gi = np.asarray([names[r[0]] for r in rows])
+    a = np.asarray([r[1] for r in rows])
+    b = np.asarray([r[2] for r in rows])
+    n_groups, k = len(names), int(max(a.max(), b.max())) + 1
+    n_per = np.bincount(gi, minlength=n_groups).astype(float)  # (P,)
+    agree = np.bincount(gi, weights=(a == b).astype(float), minlength=n_groups)  # (P,)
+    ca = np.zeros((n_groups, k))
+    cb = np.zeros((n_groups, k))
+    np.add.at(ca, (gi, a), 1.0)
+    np.add.at(cb, (gi, b), 1.0)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_resamples, n_groups))
+    w = np.zeros((n_resamples, n_groups))
+    np.add.at(w, (np.repeat(np.arange(n_resamples), n_groups), draws.ravel()), 1.0)  # (R, P) multiplicities
+    n = w @ n_per  # (R,)
+    p_o = (w @ agree) / n
+    p_e = np.sum((w @ ca) * (w @ cb), axis=1) / n ** 2
+    ok = p_e < 1.0 - 1e-12
+    if not ok.any():
+        return None
+    kappas = (p_o[ok] - p_e[ok]) / (1.0 - p_e[ok])
+    alpha = (1.0 - confidence) / 2.0
+    return float(np.quantile(kappas, alpha)), float(np.quantile(kappas, 1.0 - alpha))
+
+
+def jcr_by_slot(method_slots: Sequence[int | None], dense_slots: Sequence[int | None],
+                n_slots: int) -> list[float | None]:
+    """JCR split by the display slot of dense's winner: entry ``k - 1`` is the share of calls with dense
+    at slot ``k`` in which the method picked slot ``k`` too (``None`` where dense never picked ``k``).
+    Calls where either judge named no slot are left out, as in JCR."""
+    m, d = _paired_slots(method_slots, dense_slots, "jcr_by_slot")
+    out: list[float | None] = []
+    for k in range(1, n_slots + 1):
+        sel = d == k
+        out.append(float(np.mean(m[sel] == k)) if sel.any() else None)
+    return out
+
+
+def position_consistency(choices: Mapping[Any, Sequence]) -> dict:
+    """How often a judge picks the same *candidate* (original index) whatever order it is shown.
+
+    ``choices[problem]`` = the original index chosen under each shuffle seed (``None``: no choice).
+    Over problems judged under at least two seeds:
+
+    * ``all``: share of problems whose choice is one and the same (not ``None``) under every seed;
+    * ``pairwise``: share of (problem, pair of seeds) with the same non-``None`` choice, pooled;
+    * ``n_problems``.
+
+    ``all`` and ``pairwise`` are ``None`` when no problem has two seeds.
+    """
+    full = same_pairs = pairs = n = 0
+    for picks in choices.values():
+        picks = list(picks)
+        if len(picks) < 2:
+            continue
+        n += 1
+        full += int(picks[0] is not None and all(p == picks[0] for p in picks))
+        for i in range(len(picks)):
+            for j in range(i + 1, len(picks)):
+                pairs += 1
+                same_pairs += int(_same(picks[i], picks[j]))
+    return {"all": full / n if n else None, "pairwise": same_pairs / pairs if pairs else None, "n_problems": n}
+
+
+# --- what the candidates offer a judge -----------------------------------------------------------
+
+def oracle_accuracy(passes: Sequence[Sequence[bool]]) -> float:
+    """Share of candidate sets with at least one passing candidate (a judge that always picks right)."""
+    if len(passes) == 0:
+        raise ValueError("oracle_accuracy: no candidate sets")
+    return sum(any(bool(x) for x in p) for p in passes) / len(passes)
+
+
+def random_pick_accuracy(passes: Sequence[Sequence[bool]]) -> float:
+    """Expected accuracy of a uniformly random pick: mean over sets of the share of passing candidates."""
+    if len(passes) == 0 or any(len(p) == 0 for p in passes):
+        raise ValueError("random_pick_accuracy: no candidate sets, or an empty one")
+    return float(np.mean([sum(bool(x) for x in p) / len(p) for p in passes]))
+
+
+def majority_vote_accuracy(answers: Sequence[Sequence[str | None]], passes: Sequence[Sequence[bool]]) -> float:
+    """Accuracy of a majority vote over the candidates' final answers (self-consistency).
+
+    ``answers[s][i]`` is candidate ``i``'s extracted final answer in set ``s`` (``None``: none found,
+    never voted for), ``passes[s][i]`` whether it is correct. The most frequent answer wins; a tie is
+    scored as a uniformly random tie-break (the share of tied answers that are correct); a set with no
+    answer scores 0. An answer is correct when its candidates pass (the grader reads only the answer).
+    """
+    _check_pair(answers, passes, "majority_vote_accuracy")
+    total = 0.0
+    for ans, ok in zip(answers, passes):
+        if len(ans) != len(ok):
+            raise ValueError("majority_vote_accuracy: answers and passes differ in length within a set")
+        votes: dict[str, int] = {}
+        right: dict[str, bool] = {}
+        for a, p in zip(ans, ok):
+            if a is None:
+                continue
+            votes[a] = votes.get(a, 0) + 1
+            right[a] = right.get(a, False) or bool(p)
+        if not votes:
+            continue
+        top = max(votes.values())
+        tied = [a for a, v in votes.items() if v == top]
+        total += sum(right[a] for a in tied) / len(tied)
+    return total / len(answers)
+
+
+def distinct_answers(answers: Sequence[str | None]) -> int:
+    """Number of distinct final answers in one candidate set (``None``, no answer, not counted)."""
+    return len({a for a in answers if a is not None})
+
+
+def token_overlap(token_sets: Sequence[Sequence]) -> float | None:
+    """Mean pairwise Jaccard overlap ``|A & B| / |A | B|`` of the candidates' token sets in one set
+    (1.0: every candidate uses the same tokens; two empty candidates overlap 1.0). ``None`` for fewer
+    than two candidates."""
+    sets = [set(t) for t in token_sets]
+    vals = [len(a & b) / len(a | b) if (a or b) else 1.0
+            for i, a in enumerate(sets) for b in sets[i + 1:]]
+    return float(np.mean(vals)) if vals else None

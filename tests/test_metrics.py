@@ -11,17 +11,28 @@ from scipy import stats
 
 from kvjudge.experiments.metrics import (
     bootstrap_ci,
+    chance_agreement,
+    cohen_kappa,
     coverage,
+    distinct_answers,
     expected_gated_jcr,
     jcr,
+    jcr_by_slot,
     jcr_f,
+    kappa_bootstrap_ci,
+    majority_vote_accuracy,
     mean_latency,
     mean_std_over_seeds,
+    oracle_accuracy,
     paired_test,
     partition_analysis,
     pass_at_1,
+    position_consistency,
     precision_on_agreement,
+    random_pick_accuracy,
     reuse_rate,
+    slot_histogram,
+    token_overlap,
 )
 
 
@@ -142,3 +153,108 @@ def test_partition_analysis_empty_partition():
     assert partition_analysis([], [])["agreement"]["fraction"] is None
     with pytest.raises(ValueError):
         partition_analysis([[]], [[1]])
+
+
+# --- chance-corrected agreement ------------------------------------------------------------------
+
+def test_kappa_and_chance_agreement_on_a_hand_table():
+    # 10 calls, slots 1..3. Confusion (rows A, cols B): [[3,1,0],[0,2,1],[1,0,2]]
+    a = [1, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    b = [1, 1, 1, 2, 2, 2, 3, 1, 3, 3]
+    # p_o = 7/10; marginals A = (.4, .3, .3), B = (.4, .3, .3) -> p_e = .16 + .09 + .09 = .34
+    assert chance_agreement(a, b) == pytest.approx(0.34)
+    assert cohen_kappa(a, b) == pytest.approx((0.7 - 0.34) / (1 - 0.34))
+    assert jcr(a, b) == pytest.approx(0.7)  # kappa's p_o is JCR on the same calls
+    assert slot_histogram(a, 4) == pytest.approx([0.4, 0.3, 0.3, 0.0])
+    # dense at slot 1: 4 calls (b = 1 at index 0,1,2,7), method agrees on 3; slot 2: 3 calls, 2 agree
+    by_slot = jcr_by_slot(a, b, 4)
+    assert by_slot[:3] == pytest.approx([3 / 4, 2 / 3, 2 / 3]) and by_slot[3] is None
+
+
+def test_kappa_matches_sklearn_and_drops_unnamed_calls():
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(1, 5, size=200).tolist()
+    b = [x if rng.random() < 0.5 else int(rng.integers(1, 5)) for x in a]
+    assert cohen_kappa(a, b) == pytest.approx(cohen_kappa_score(a, b))
+    # None slots leave the call out of kappa exactly as they leave it out of JCR
+    assert cohen_kappa(a + [None, 2], b + [3, None]) == pytest.approx(cohen_kappa(a, b))
+
+
+def test_kappa_is_one_for_identical_judges_and_zero_for_independent_ones():
+    rng = np.random.default_rng(0)
+    marg = [0.1, 0.2, 0.3, 0.4]
+    a = (rng.choice(4, size=200_000, p=marg) + 1).tolist()
+    b = (rng.choice(4, size=200_000, p=marg) + 1).tolist()  # independent, same marginals
+    assert cohen_kappa(a, a) == pytest.approx(1.0)
+    assert cohen_kappa(a, b) == pytest.approx(0.0, abs=0.01)
+    # raw agreement is far from 0 although the judges share nothing but their slot preference
+    assert jcr(a, b) == pytest.approx(sum(p * p for p in marg), abs=0.01)
+    # a heavy position prior: high JCR, still no agreement beyond chance
+    skew = [0.01, 0.01, 0.01, 0.97]
+    a = (rng.choice(4, size=200_000, p=skew) + 1).tolist()
+    b = (rng.choice(4, size=200_000, p=skew) + 1).tolist()
+    assert jcr(a, b) > 0.93 and abs(cohen_kappa(a, b)) < 0.02
+    # both always on one slot: kappa undefined
+    assert cohen_kappa([4, 4, 4], [4, 4, 4]) is None
+    with pytest.raises(ValueError):
+        cohen_kappa([None], [1])
+
+
+def test_kappa_bootstrap_ci_resamples_problems_and_is_seeded():
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(5)
+    problems = [f"p{i}" for i in range(40) for _ in range(3)]  # 40 problems x 3 seeds
+    a = rng.integers(1, 5, size=120).tolist()
+    b = [x if rng.random() < 0.6 else int(rng.integers(1, 5)) for x in a]
+    low, high = kappa_bootstrap_ci(a, b, problems, n_resamples=1000, seed=1)
+    assert low < cohen_kappa(a, b) < high
+    assert kappa_bootstrap_ci(a, b, problems, n_resamples=1000, seed=1) == (low, high)
+    # the vectorised resample equals a plain loop over the same draws
+    rs = np.random.default_rng(7)
+    names = list(dict.fromkeys(problems))
+    draws = rs.integers(0, len(names), size=(200, len(names)))
+    loop = []
+    for row in draws:
+        idx = [i for g in row for i, p in enumerate(problems) if p == names[g]]
+        loop.append(cohen_kappa_score([a[i] for i in idx], [b[i] for i in idx]))
+    ref = (float(np.quantile(loop, 0.025)), float(np.quantile(loop, 0.975)))
+    assert kappa_bootstrap_ci(a, b, problems, n_resamples=200, seed=7) == pytest.approx(ref)
+    assert kappa_bootstrap_ci([4, 4], [4, 4], ["x", "y"]) is None
+
+
+def test_position_consistency_hand_case():
+    choices = {
+        "p1": [2, 2, 2],      # same under every seed
+        "p2": [0, 1, 1],      # 1 of 3 pairs agree
+        "p3": [3, None, 3],   # None never agrees: 1 of 3 pairs
+        "p4": [1],            # one seed: not counted
+    }
+    out = position_consistency(choices)
+    assert out["n_problems"] == 3
+    assert out["all"] == pytest.approx(1 / 3)
+    assert out["pairwise"] == pytest.approx((3 + 1 + 1) / 9)
+    assert position_consistency({"p": [1]}) == {"all": None, "pairwise": None, "n_problems": 0}
+
+
+def test_accuracy_baselines_hand_case():
+    passes = [[True, False, False, False], [False, False], [True, True, False, True]]
+    assert oracle_accuracy(passes) == pytest.approx(2 / 3)
+    assert random_pick_accuracy(passes) == pytest.approx((0.25 + 0 + 0.75) / 3)
+    answers = [["18", "7", "7", None],   # majority 7 (wrong)
+               ["3", "4"],               # tie 3/4, both wrong -> 0
+               ["B", "B", "C", "B"]]     # majority B (right)
+    assert majority_vote_accuracy(answers, passes) == pytest.approx((0 + 0 + 1) / 3)
+    # a tie between a right and a wrong answer scores one half
+    assert majority_vote_accuracy([["5", "6"]], [[True, False]]) == pytest.approx(0.5)
+    assert majority_vote_accuracy([[None, None]], [[False, False]]) == 0.0
+
+
+def test_diversity_hand_case():
+    assert distinct_answers(["7", "7", None, "8"]) == 2
+    # {a,b,c} vs {a,b}: 2/3; {a,b,c} vs {d}: 0; {a,b} vs {d}: 0 -> mean 2/9
+    assert token_overlap([["a", "b", "c"], ["a", "b", "b"], ["d"]]) == pytest.approx(2 / 9)
+    assert token_overlap([["x"]]) is None
+    assert token_overlap([[1, 2], [2, 1]]) == 1.0
