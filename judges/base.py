@@ -40,6 +40,10 @@ class JudgeCase:
     candidate_kv: str = "judge_prefix"
     output: str = "label"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # position debiasing (:mod:`kvjudge.judges.debias`): "none" | "pride" | "content_free", and
+    # method name -> log prior over the N display slots; label scores become log p - log prior
+    debias: str = "none"
+    priors: dict[str, tuple[float, ...]] | None = None
 
     def context(self, slot: int) -> tuple[int, ...]:
         """The ids slot ``slot``'s (0-based) candidate KV is encoded after."""
@@ -98,6 +102,11 @@ class Verdict:
     answer_text: str | None = None
     parse_rule: str | None = None
     decoded_tokens: int = 0
+    # "none" | "pride" | "content_free": whether ``scores`` are debiased label log-probs (log p - log prior)
+    debias: str = "none"
+    # permutation consensus (K > 1 rotations judged): permutations, per-rotation winners (in this
+    # verdict's display order), consistent (one candidate under every rotation), agreement, cost_x_dense
+    consensus: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import KVSegment, place, to_cache
 from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.debias import case_prior
 from kvjudge.judges.parse import parse_choice
 from kvjudge.judges.prompt import JudgeInputError, JudgePrompt
 
@@ -51,11 +53,17 @@ class JudgeEngine:
     def _scores(self, logprobs: torch.Tensor, prompt: JudgePrompt) -> torch.Tensor:
         return logprobs[list(prompt.labels)].cpu()
 
-    def _answer(self, case: JudgeCase, logprobs: torch.Tensor, kv: KVSegment | None, reused: bool) -> Outcome:
+    def _answer(self, case: JudgeCase, logprobs: torch.Tensor, kv: KVSegment | None, reused: bool,
+                method: str | None = None) -> Outcome:
         """The outcome of a prompt whose last-position log-probs are ``logprobs`` and whose whole KV
-        (from position 0) is ``kv`` (needed in generate output only)."""
+        (from position 0) is ``kv`` (needed in generate output only). With ``case.debias`` set, the label
+        scores ``[N]`` are ``log p - log prior`` of ``method`` (the one place scores are debiased)."""
         if case.output != "generate":
-            return Outcome(self._scores(logprobs, case.prompt), reused)
+            scores = self._scores(logprobs, case.prompt)
+            prior = case_prior(case, method)
+            if prior is not None:
+                scores = scores - torch.tensor(prior, dtype=scores.dtype)
+            return Outcome(scores, reused)
         ids = self._decode(logprobs, kv, case.max_new_tokens)
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         choice, rule = parse_choice(text, case.prompt.n)
@@ -80,7 +88,7 @@ class JudgeEngine:
             logits = model(
                 input_ids=torch.tensor([[tok]], device=dev),
                 position_ids=torch.tensor([[pos]], device=dev),
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             ).logits
@@ -89,7 +97,8 @@ class JudgeEngine:
         return out
 
     def dense(self, case: JudgeCase, keep_cache: bool = False) -> tuple[Outcome, KVSegment | None]:
-        """Full prefill of the whole prompt (memoised per case; ``keep_cache`` also returns its KV)."""
+        """Full prefill of the whole prompt (memoised per case; ``keep_cache`` also returns its KV). Its
+        label scores are debiased with ``dense``'s prior, whichever method asked for them."""
         hit = case.memo.get("dense")
         if hit is not None and (hit[1] is not None or not keep_cache):
             return hit
@@ -97,7 +106,7 @@ class JudgeEngine:
         generate = case.output == "generate"
         logprobs, kv = self.runner.forward(ids, keep_cache=keep_cache or generate)
         # generate output computed the KV anyway: keep it, so a later keep_cache call decodes nothing again
-        result = (self._answer(case, logprobs, kv, reused=False), kv if keep_cache or generate else None)
+        result = (self._answer(case, logprobs, kv, reused=False, method="dense"), kv if keep_cache or generate else None)
         case.memo["dense"] = result
         return result
 
@@ -122,8 +131,9 @@ class JudgeEngine:
         case.memo["pieces"] = [(kind, slot, seg) for (kind, slot), seg in zip(kinds, placed)]
         return list(case.memo["pieces"])
 
-    def score_pieces(self, case: JudgeCase, segs: list[KVSegment]) -> Outcome:
-        """Prefill only the suffix against the assembled pieces and answer (labels, or decode on that cache)."""
+    def score_pieces(self, case: JudgeCase, segs: list[KVSegment], method: str | None = None) -> Outcome:
+        """Prefill only the suffix against the assembled pieces and answer (labels, or decode on that cache).
+        ``method``: the caller's registered name, whose slot prior debiases the labels (``case.debias``)."""
         generate = case.output == "generate"
         logprobs, kv = self.runner.forward(case.prompt.suffix, past=segs, keep_cache=generate)
-        return self._answer(case, logprobs, kv, reused=True)
+        return self._answer(case, logprobs, kv, reused=True, method=method)

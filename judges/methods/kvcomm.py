@@ -133,7 +133,7 @@ class KVCOMM(AnchorConfig):
                 segs[it.index] = apply(segs[it.index], corr.dk, corr.dv, inv)
             if corr.glue_dk is not None:
                 segs[it.index + 1] = apply(segs[it.index + 1], corr.glue_dk, corr.glue_dv, inv)
-        outcome = engine.score_pieces(case, segs)
+        outcome = engine.score_pieces(case, segs, self.name)  # self.name: its slot prior (pal_kv too)
         return replace(outcome, decision={"measured": False, "new_anchors": 0, "updated_anchors": 0})
 
     @staticmethod

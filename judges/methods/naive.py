@@ -13,4 +13,4 @@ from kvjudge.judges.engine import JudgeEngine
 @dataclass
 class Naive:
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
-        return engine.score_pieces(case, [seg for _, _, seg in engine.pieces(case)])
+        return engine.score_pieces(case, [seg for _, _, seg in engine.pieces(case)], self.name)
