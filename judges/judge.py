@@ -12,6 +12,8 @@ from kvjudge.models.chat import agent_prompt_ids
 from kvjudge.cache.encoder import KVRunner, segment_key
 from kvjudge.judges.base import JudgeCase, JudgeMethod, Verdict
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, Candidate, answer_ids, as_candidates, check_mode
+from kvjudge.judges.debias import (PriorKey, PriorTable, check_debias, load_table, needed_methods, priors_for,
+                                   rotation, template_hash)
 from kvjudge.judges.engine import JudgeEngine
 from kvjudge.judges.methods import make_method
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
@@ -27,6 +29,12 @@ class Judge:
     candidate's KV comes from is ``candidate_kv`` (see :mod:`kvjudge.judges.candidate`); how the
     judge answers is ``output`` (``label`` / ``generate``, with ``max_new_tokens``). All three can be
     overridden per call.
+
+    ``debias`` (``none`` / ``pride`` / ``content_free``, :mod:`kvjudge.judges.debias`): label scores
+    minus each method's saved slot prior. ``permutations`` K > 1: permutation consensus, the K cyclic
+    rotations of the candidates are judged (K capped at N) and the candidate with the highest summed
+    (debiased) score wins; in ``generate`` output each rotation's parsed choice is a vote, and ``pride``
+    there means this vote over all N rotations (there are no label scores to debias).
     """
 
     def __init__(
@@ -37,8 +45,14 @@ class Judge:
         candidate_kv: str = "judge_prefix",
         output: str = "label",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        debias: str = "none",
+        permutations: int = 1,
     ) -> None:
         check_mode(candidate_kv, output, max_new_tokens)
+        check_debias(debias, output, permutations)
+        self.debias, self.permutations = debias, int(permutations)
+        self._tables: dict[PriorKey, PriorTable | None] = {}
+        self._templates: dict[str, str] = {}
         self.lm = lm
         self.runner = KVRunner(lm.model, lm.model_id)
         max_pos = getattr(lm.model.config, "max_position_embeddings", None)
@@ -62,6 +76,7 @@ class Judge:
         candidate_kv: str | None = None,
         output: str | None = None,
         max_new_tokens: int | None = None,
+        debias: str | None = None,
     ) -> JudgeCase:
         """The :class:`JudgeCase` for ``candidates`` (display order) under the given (or default) modes.
 
@@ -91,10 +106,30 @@ class Judge:
         if mode == "isolated":
             contexts = tuple(() for _ in cands)
         self.engine.check_length(prompt)
+        debias = debias or self.debias
+        priors = None
+        if debias != "none" and output == "label":  # every saved prior of this key (checked in judge())
+            key = self.prior_key(debias, mode, output, prompt.n)
+            priors = priors_for(key, (), self.prior_table(key))
         return JudgeCase(
             prompt, tuple(str(s) for s in sources), contexts=contexts, exact_first=mode == "judge_prefix",
-            candidate_kv=mode, output=output, max_new_tokens=max_new,
+            candidate_kv=mode, output=output, max_new_tokens=max_new, debias=debias, priors=priors,
         )
+
+    def prior_key(self, kind: str, candidate_kv: str, output: str, n: int) -> PriorKey:
+        """The key of this judge's slot prior of ``kind`` for ``n`` candidates in these modes."""
+        if output not in self._templates:
+            self._templates[output] = template_hash(self.lm.tokenizer, output)
+        return PriorKey(self.lm.model_id, kind, candidate_kv, output, int(n), self._templates[output])
+
+    def prior_table(self, key: PriorKey) -> PriorTable | None:
+        """The saved prior table of ``key`` (read once; :meth:`reload_priors` forgets what was read)."""
+        if key not in self._tables:
+            self._tables[key] = load_table(key)
+        return self._tables[key]
+
+    def reload_priors(self) -> None:
+        self._tables.clear()
 
     def _agent_context(self, cand: Candidate, number: int) -> tuple[int, ...]:
         if cand.prompt_ids:
@@ -130,11 +165,32 @@ class Judge:
         candidate_kv: str | None = None,
         output: str | None = None,
         max_new_tokens: int | None = None,
+        debias: str | None = None,
+        permutations: int | None = None,
     ) -> Verdict:
-        """Judge ``candidates`` (display order) for ``problem``; ``sources`` name the agent of each."""
+        """Judge ``candidates`` (display order) for ``problem``; ``sources`` name the agent of each.
+        ``debias`` / ``permutations`` override the judge's for this call (see the class)."""
+        debias, out_mode = debias or self.debias, output or self.output
+        k = int(permutations or self.permutations)
+        if debias == "pride" and out_mode == "generate" and k == 1:
+            k = len(candidates)  # no label scores: pride is the vote over every rotation
+        check_debias(debias, out_mode, k)
+        k = min(k, len(candidates))
+        if k > 1:
+            return self._consensus(problem, candidates, method, sources, candidate_kv, output, max_new_tokens,
+                                   debias, k)
+        return self._once(problem, candidates, method, sources, candidate_kv, output, max_new_tokens, debias)
+
+    def _once(self, problem: str, candidates: Sequence[CandidateLike], method: str | None,
+              sources: Sequence[str] | None, candidate_kv: str | None, output: str | None,
+              max_new_tokens: int | None, debias: str) -> Verdict:
+        """One judge call in the given display order."""
         name = method or self.default
         impl = self.method(name)
-        case = self.case(problem, candidates, sources, candidate_kv, output, max_new_tokens)
+        case = self.case(problem, candidates, sources, candidate_kv, output, max_new_tokens, debias)
+        if case.priors is not None:  # every method this one reads must have its prior (one line naming calibrate)
+            key = self.prior_key(case.debias, case.candidate_kv, case.output, case.prompt.n)
+            case.priors = priors_for(key, needed_methods(name, impl), self.prior_table(key))
         runner, engine = self.runner, self.engine
         before = (runner.forward_tokens, runner.encode_tokens, engine.decoded_tokens)
         _sync(runner.device)
@@ -158,6 +214,62 @@ class Judge:
             answer_text=outcome.text,
             parse_rule=outcome.parse_rule,
             decoded_tokens=engine.decoded_tokens - before[2],
+            debias=case.debias if case.priors is not None else "none",
+        )
+
+    def _consensus(self, problem: str, candidates: Sequence[CandidateLike], method: str | None,
+                   sources: Sequence[str] | None, candidate_kv: str | None, output: str | None,
+                   max_new_tokens: int | None, debias: str, k: int) -> Verdict:
+        """Permutation consensus: judge rotations 0..k-1 (:func:`~kvjudge.judges.debias.rotation`) and
+        combine them per candidate (in the given display order): summed label scores, argmax; in
+        generate output the most voted candidate (ties: the earliest rotation's). Costs add up; with
+        reuse each extra rotation is a re-index plus a suffix prefill."""
+        if isinstance(candidates, str) or isinstance(sources, str):
+            raise JudgeInputError("candidates and sources must be lists of strings, not one string")
+        cands = as_candidates(candidates)
+        n = len(cands)
+        srcs = list(sources) if sources is not None else [c.source or f"candidate-{i + 1}" for i, c in enumerate(cands)]
+        if len(srcs) != n:
+            raise JudgeInputError(f"{len(srcs)} sources for {n} candidates")
+        base = self.case(problem, cands, srcs, candidate_kv, output, max_new_tokens, "none")
+        verdicts: list[Verdict] = []
+        picks: list[int | None] = []  # per rotation: the winner as a 0-based index of the given order
+        total = [0.0] * n
+        for r in range(k):
+            order = rotation(n, r)
+            v = self._once(problem, [cands[i] for i in order], method, [srcs[i] for i in order], candidate_kv,
+                           output, max_new_tokens, debias)
+            verdicts.append(v)
+            picks.append(None if v.winner is None else order[v.winner - 1])
+            for slot, score in enumerate(v.scores):
+                total[order[slot]] += score
+        if base.output == "label":
+            winner = max(range(n), key=lambda i: total[i]) + 1
+        else:
+            votes = {i: picks.count(i) for i in picks if i is not None}
+            winner = (max(votes, key=lambda i: (votes[i], -picks.index(i))) + 1) if votes else None
+        first = verdicts[0]
+        gates = [v.gate for v in verdicts if v.gate is not None]
+        decisions = [v.decision for v in verdicts]
+        decision = None if all(d is None for d in decisions) else {
+            **(first.decision or {}), "measured": any(bool((d or {}).get("measured")) for d in decisions),
+            "rotations": decisions}
+        prefilled = sum(v.prefilled_tokens for v in verdicts)
+        consensus = {
+            "permutations": k,
+            "winners": [None if p is None else p + 1 for p in picks],
+            "consistent": winner is not None and all(p == winner - 1 for p in picks),
+            "agreement": sum(p == (winner or 0) - 1 for p in picks) / k,
+            "cost_x_dense": prefilled / len(base.prompt.ids()),
+        }
+        return Verdict(
+            method=first.method, winner=winner, scores=total if base.output == "label" else [],
+            reused=all(v.reused for v in verdicts), latency_ms=sum(v.latency_ms for v in verdicts),
+            prefilled_tokens=prefilled, encoded_tokens=sum(v.encoded_tokens for v in verdicts),
+            decision=decision, gate=None if not gates else "fallback" if "fallback" in gates else "accepted",
+            candidate_kv=first.candidate_kv, output=first.output, answer_text=first.answer_text,
+            parse_rule=first.parse_rule, decoded_tokens=sum(v.decoded_tokens for v in verdicts),
+            debias=first.debias if base.output == "label" else debias, consensus=consensus,
         )
 
 
