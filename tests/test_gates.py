@@ -87,3 +87,129 @@ def test_risk_model_recovers_a_logistic_truth():
     fit = G.fit_risk(x, y, ["a", "b"], c=100.0)
     w = np.asarray(fit["coef"]) / np.asarray(fit["scale"])
     assert w[0] == pytest.approx(2.0, abs=0.25) and abs(w[1]) < 0.25
+
+
+# ---------------------------------------------------------------------------- the selective method
+PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
+CANDIDATES = [
+    "def add(a, b):\n    return a + b",
+    "def add(a, b):\n    return a - b  # wrong",
+    "add = lambda a, b: sum([a, b])",
+    "def add(a, b):\n    print(a, b)",
+]
+ORDERS = [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2), (2, 0, 3, 1)]
+
+
+@pytest.mark.parametrize("mode", ["judge_prefix", "isolated"])
+def test_selective_endpoints_equal_dense_and_the_cheap_path_call_for_call(llama, mode):
+    from kvjudge.judges.judge import Judge
+
+    judge = Judge(llama, candidate_kv=mode)
+    never = judge.method("selective", gate=math.inf)
+    always = judge.method("selective", gate=-math.inf)
+    assert never.lam == math.inf and always.lam == -math.inf
+    for order in ORDERS:
+        shown = [CANDIDATES[i] for i in order]
+        dense = judge.judge(PROBLEM, shown, method="dense")
+        naive = judge.judge(PROBLEM, shown, method="naive")
+        assert max(abs(a - b) for a, b in zip(dense.scores, naive.scores)) > 1e-4  # the endpoints differ
+        judge._methods["selective"] = never
+        hi = judge.judge(PROBLEM, shown, method="selective")
+        judge._methods["selective"] = always
+        lo = judge.judge(PROBLEM, shown, method="selective")
+        assert hi.gate == "fallback" and not hi.reused and hi.winner == dense.winner
+        assert hi.scores == pytest.approx(dense.scores, abs=1e-5)
+        assert lo.gate == "accepted" and lo.reused and lo.winner == naive.winner
+        assert lo.scores == pytest.approx(naive.scores, abs=1e-5)
+        # the confidence is the naive path's top-two gap, read from its own scores
+        top = sorted(naive.scores, reverse=True)
+        assert lo.decision["confidence"] == pytest.approx(top[0] - top[1], abs=1e-5)
+
+
+def test_selective_threshold_splits_on_the_margin(llama):
+    from kvjudge.judges.judge import Judge
+
+    judge = Judge(llama)
+    margins = []
+    for order in ORDERS:
+        s = sorted(judge.judge(PROBLEM, [CANDIDATES[i] for i in order], method="naive").scores, reverse=True)
+        margins.append(s[0] - s[1])
+    lam = sorted(margins)[len(margins) // 2]
+    judge.method("selective", gate=lam)
+    gates = [judge.judge(PROBLEM, [CANDIDATES[i] for i in o], method="selective").gate for o in ORDERS]
+    assert gates == ["accepted" if m >= lam else "fallback" for m in margins]
+
+
+def test_risk_features_key_deviation_against_a_dense_prefill(llama):
+    """Layer-1 key deviation is zero for slot 1 in judge_prefix mode (its KV is the real one) and matches
+    an independent computation from the dense cache for the others."""
+    from kvjudge.judges.judge import Judge
+    from kvjudge.judges.methods.selective import key_deviation
+
+    judge = Judge(llama)
+    case = judge.case(PROBLEM, CANDIDATES)
+    devs, why = key_deviation(judge.engine, case)
+    assert why is None and devs[0] == pytest.approx(0.0, abs=1e-8) and min(devs[1:]) > 1e-6
+    _, kv = judge.runner.forward(case.prompt.ids(), keep_cache=True)
+    for kind, slot, seg in judge.engine.pieces(case):
+        if kind == "candidate":
+            real = kv.keys[1][:, seg.start:seg.start + seg.length].float()
+            want = ((real - seg.keys[1].float()) ** 2).sum((0, 2)).mean() / (real ** 2).sum((0, 2)).mean()
+            assert devs[slot] == pytest.approx(float(want), rel=1e-3, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------- gate files
+def _gate_file(tmp_path, judge, **change) -> str:
+    from kvjudge.judges.methods.selective import GATE_VERSION
+
+    case = judge.case(PROBLEM, CANDIDATES)
+    fitted = judge.method("selective", gate=0.0).fitted_identity(judge.engine, case)
+    gate = {"version": GATE_VERSION, "lambda": 0.0, "alpha": 0.05, "delta": 0.1, "n": 100, "risk": None,
+            "fitted_for": {**fitted, **change}}
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps(gate))
+    return str(path)
+
+
+def test_gate_file_used_as_fitted_is_accepted(llama, tmp_path):
+    from kvjudge.judges.judge import Judge
+
+    judge = Judge(llama)
+    judge.method("selective", gate=_gate_file(tmp_path, judge))
+    v = judge.judge(PROBLEM, CANDIDATES, method="selective")
+    assert v.gate == "accepted" and v.decision["lambda"] == 0.0
+
+
+@pytest.mark.parametrize("change", [{"model_id": "another-model"}, {"candidate_kv": "agent"},
+                                    {"prior": "pride:0123456789ab"}, {"cheap": "kvcomm"}])
+def test_gate_file_fitted_for_something_else_is_refused_in_one_line(llama, tmp_path, change):
+    """Another model, candidate-KV mode or slot prior; or a cheap path other than the one asked for
+    (without ``cheap`` the gate's own is used)."""
+    from kvjudge.judges.judge import Judge
+    from kvjudge.judges.prompt import JudgeInputError
+
+    judge = Judge(llama)
+    path = _gate_file(tmp_path, judge, **change)
+    with pytest.raises(JudgeInputError) as err:
+        judge.method("selective", gate=path, **({"cheap": "naive"} if "cheap" in change else {}))
+        judge.judge(PROBLEM, CANDIDATES, method="selective")
+    msg = str(err.value)
+    assert "\n" not in msg and "fitted for" in msg and str(next(iter(change.values()))) in msg
+
+
+def test_gate_refuses_generate_output_and_bad_files(llama, tmp_path):
+    from kvjudge.judges.judge import Judge
+    from kvjudge.judges.methods import make_method
+    from kvjudge.judges.prompt import JudgeInputError
+
+    judge = Judge(llama, output="generate", max_new_tokens=4)
+    judge.method("selective", gate=0.0)
+    with pytest.raises(JudgeInputError, match="label output"):
+        judge.judge(PROBLEM, CANDIDATES, method="selective")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    for opts in ({"gate": str(bad)}, {"gate": str(tmp_path / "missing.json")}, {"cheap": "dense"},
+                 {"cheap": "naive:foo=1"}, {"score": "risk", "gate": 0.5}):
+        with pytest.raises(JudgeInputError) as err:
+            make_method("selective", **opts)
+        assert "\n" not in str(err.value)

@@ -15,6 +15,7 @@ from kvjudge.judges.methods.kvcomm import KVCOMM
 from kvjudge.judges.methods.naive import Naive
 from kvjudge.judges.methods.pal_kv import PALKV
 from kvjudge.judges.methods.random_gate import RandomGate
+from kvjudge.judges.methods.selective import Selective
 from kvjudge.judges.prompt import JudgeInputError
 
 METHODS: dict[str, type] = {
@@ -24,6 +25,7 @@ METHODS: dict[str, type] = {
     "pal_kv": PALKV,
     "random_gate": RandomGate,
     "dg_jkr": DGJKR,
+    "selective": Selective,
 }
 for _name, _cls in METHODS.items():
     _cls.name = _name
