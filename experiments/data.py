@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
@@ -32,7 +33,7 @@ from decimal import Decimal, InvalidOperation
 __all__ = [
     "DataError", "PACKAGES", "ALIASES", "load_humaneval", "load_gsm8k", "load_mmlu",
     "check_gsm8k", "check_mmlu", "extract_last_number", "extract_choice", "gsm8k_final_answer",
-    "mmlu_letter", "package_data_path",
+    "mmlu_letter", "package_data_path", "gsm8k_answer", "sample_rows",
 ]
 
 
@@ -225,6 +226,18 @@ def extract_last_number(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8K answer in one canonical form (``"18.0"``, ``"$18"`` -> ``"18"``;
+    ``"1,234.50"`` -> ``"1234.5"``), so answers :func:`check_gsm8k` counts equal compare equal as
+    strings; ``None`` when the text commits to no number."""
+    got = extract_last_number(text or "")
+    d = None if got is None else _to_decimal(got)
+    if d is None:
+        return None
+    d = d.normalize()
+    return format(d if d != 0 else Decimal(0), "f")
+
+
 def check_gsm8k(candidate_text: str, reference: str | float | int) -> bool:
     """True when ``extract_last_number(candidate_text)`` equals ``reference`` numerically
     (exact decimal compare after removing ``,``/``$``, so ``"18.0"`` == ``"18"``, ``"$1,000"`` ==
@@ -274,3 +287,43 @@ def check_mmlu(candidate_text: str, letter: str) -> bool:
     """True when ``extract_choice(candidate_text)`` equals ``letter`` (case-insensitive)."""
     got = extract_choice(candidate_text or "")
     return got is not None and got == str(letter).strip().upper()
+
+# --- representative samples ----------------------------------------------------------------------
+
+def sample_rows(rows: list[dict], limit: int | None = None, offset: int = 0, seed: int | None = None,
+                strata: str | None = None) -> list[dict]:
+    """The problems an experiment takes: ``rows`` put in a sampling order, then the first ``offset``
+    skipped and the next ``limit`` kept (all when ``limit`` is None). Disjoint splits of one order:
+    ``offset=0, limit=K`` and ``offset=K``.
+
+    The order: with ``strata`` (a row key, e.g. MMLU's ``topic``), a seeded round-robin over the strata
+    -- the strata (sorted, then shuffled by ``random.Random(f"sample:{seed or 0}")``) each give one row in
+    turn, every stratum's rows shuffled by the same generator, exhausted strata skipped -- so the first
+    ``len(strata)`` rows hold one per stratum; without ``strata``, the given order, or a seeded shuffle
+    (``random.Random(f"sample:{seed}")``) when ``seed`` is not None. ``limit < 1`` or ``offset < 0``
+    raise ``ValueError``.
+    """
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if int(offset) < 0:
+        raise ValueError(f"--offset must be >= 0, got {offset}")
+    if strata is not None:
+        rng = random.Random(f"sample:{seed or 0}")
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(str(r.get(strata)), []).append(r)
+        names = sorted(groups)
+        rng.shuffle(names)
+        queues = []
+        for name in names:
+            members = list(groups[name])
+            rng.shuffle(members)
+            queues.append(members)
+        order = [q[i] for i in range(max((len(q) for q in queues), default=0)) for q in queues if i < len(q)]
+    elif seed is not None:
+        order = list(rows)
+        random.Random(f"sample:{seed}").shuffle(order)
+    else:
+        order = list(rows)
+    end = None if limit is None else int(offset) + int(limit)
+    return order[int(offset):end]

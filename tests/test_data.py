@@ -9,17 +9,19 @@ import json
 import pytest
 
 from kvjudge.experiments import data as D
-from kvjudge.experiments.datasets import DATASETS, get_dataset, load_dataset
+from kvjudge.experiments.datasets import DATASETS, describe_sample, get_dataset, load_dataset, load_problems
 from kvjudge.experiments.data import (
     DataError,
     check_gsm8k,
     check_mmlu,
     extract_choice,
     extract_last_number,
+    gsm8k_answer,
     load_gsm8k,
     load_humaneval,
     load_mmlu,
     mmlu_letter,
+    sample_rows,
 )
 
 
@@ -73,10 +75,11 @@ def test_mmlu_path_drops_header_rows_and_normalises(tmp_path):
     ]
     p = tmp_path / "mmlu.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = load_dataset("mmlu", path=str(p))
+    out = load_mmlu(path=str(p))
     assert [r["answer"] for r in out] == ["B", "C", "D"]
     assert [r["id"] for r in out] == ["mmlu/0", "mmlu/1", "mmlu/2"]
-    assert load_dataset("MMLU", path=str(p), limit=1)[0]["question"] == "2+2?"
+    # the registry's order is the stratified sample's (one per topic here), over the same rows
+    assert sorted(r["id"] for r in load_dataset("MMLU", path=str(p))) == ["mmlu/0", "mmlu/1", "mmlu/2"]
     assert mmlu_letter(2, ["a", "b", "c", "d"]) == "C"
     with pytest.raises(DataError):
         mmlu_letter("E", ["a", "b", "c", "d"])
@@ -171,3 +174,64 @@ def test_dataset_registry_pairs_each_loader_with_its_own_grader():
     assert get_dataset("human-eval").sandboxed and not gsm.sandboxed
     with pytest.raises(DataError, match="unknown data set 'mbpp'"):
         get_dataset("mbpp")
+
+
+# --- representative samples ----------------------------------------------------------------------
+
+def test_mmlu_limit_57_gives_one_problem_per_subject():
+    rows = load_dataset("mmlu", limit=57)
+    assert len(rows) == 57 and len({r["topic"] for r in rows}) == 57
+    info = describe_sample("mmlu", rows, 57, 0, None)
+    assert info["problem_ids"] == [r["id"] for r in rows] and info["seed"] == 0
+    assert set(info["topic_counts"].values()) == {1} and len(info["topic_counts"]) == 57
+    # 100 problems: every subject once, then 43 subjects a second time (not 100 rows of one subject)
+    counts = describe_sample("mmlu", load_dataset("mmlu", limit=100), 100, 0, None)["topic_counts"]
+    assert len(counts) == 57 and sorted(counts.values()) == [1] * 14 + [2] * 43
+    # the seed decides which problems; the same seed gives the same sample
+    assert [r["id"] for r in load_dataset("mmlu", limit=57, sample_seed=1)] != [r["id"] for r in rows]
+    assert [r["id"] for r in load_dataset("mmlu", limit=57)] == [r["id"] for r in rows]
+
+
+@pytest.mark.parametrize("name,seed", [("mmlu", None), ("gsm8k", None), ("gsm8k", 7), ("humaneval", 3)])
+def test_offset_splits_are_disjoint_and_tile_the_order(name, seed):
+    calib = load_dataset(name, limit=30, sample_seed=seed)
+    test = load_dataset(name, limit=50, offset=30, sample_seed=seed)
+    both = load_dataset(name, limit=80, sample_seed=seed)
+    ids = lambda rows: [r["id"] for r in rows]  # noqa: E731
+    assert not set(ids(calib)) & set(ids(test))
+    assert ids(calib) + ids(test) == ids(both)
+
+
+def test_gsm8k_and_humaneval_keep_their_order_unless_seeded():
+    assert [r["id"] for r in load_dataset("gsm8k", limit=5)] == [f"gsm8k/{i}" for i in range(5)]
+    assert [r["id"] for r in load_dataset("humaneval", limit=3, offset=2)] == [f"HumanEval/{i}" for i in (2, 3, 4)]
+    shuffled = [r["id"] for r in load_dataset("gsm8k", limit=20, sample_seed=5)]
+    assert shuffled != [f"gsm8k/{i}" for i in range(20)] and len(set(shuffled)) == 20
+    assert shuffled == [r["id"] for r in load_problems("gsm8k", limit=20, sample_seed=5)]
+
+
+def test_sample_rows_round_robin_by_hand(tmp_path):
+    rows = [{"id": i, "s": s} for i, s in enumerate("aaaabbc")]
+    out = sample_rows(rows, strata="s", seed=4)
+    strata = [r["s"] for r in out]
+    # one of each stratum, then the two that still have rows, then "a" alone
+    assert sorted(strata[:3]) == ["a", "b", "c"] and sorted(strata[3:5]) == ["a", "b"] and strata[5:] == ["a", "a"]
+    assert sorted(r["id"] for r in out) == list(range(7))
+    assert sample_rows(rows, limit=2, offset=1) == rows[1:3]
+    assert sample_rows(rows, offset=10) == []
+    with pytest.raises(ValueError, match="--offset"):
+        sample_rows(rows, offset=-1)
+    with pytest.raises(ValueError, match="--limit"):
+        sample_rows(rows, limit=0)
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in range(6)))
+    assert [p["id"] for p in load_problems(str(f), limit=2, offset=3)] == ["3", "4"]
+
+
+def test_gsm8k_answer_is_canonical_as_the_grader_compares():
+    assert gsm8k_answer("so #### 18.0") == gsm8k_answer("$18") == "18"
+    assert gsm8k_answer("1,234.50 dollars") == "1234.5"
+    assert gsm8k_answer("100") == "100" and gsm8k_answer("-0.0") == "0"
+    assert gsm8k_answer("no number") is None
+    for text, ref in (("18.0", "18"), ("$1,000", "1000"), ("1e3", "1000")):
+        assert (gsm8k_answer(text) == gsm8k_answer(ref)) == check_gsm8k(text, ref)

@@ -36,7 +36,8 @@ KINDS: dict[str, Callable[..., dict]] = {
 def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "smollm2-135m",
                  methods: Sequence[str] | None = None, candidate_kv: str = "agent",
                  seeds: Sequence[int] | None = None, limit: int | None = None, out: str | Path = "diagnostics",
-                 dataset: str | None = None, progress: Progress = None, topology: str | None = None) -> dict:
+                 dataset: str | None = None, progress: Progress = None, topology: str | None = None,
+                 offset: int = 0, sample_seed: int | None = None) -> dict:
     """Run diagnostic ``kind`` (or ``all``) on the candidate file ``candidates``; write ``KIND.json``,
     its figures and ``diagnostics.md`` into ``out``. Returns ``{kind: result, ..., "report": path}``.
 
@@ -53,7 +54,7 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
     methods = list(methods or DEFAULT_METHODS)
     seeds = [int(s) for s in (seeds if seeds is not None else PAPER_SEEDS)]
     lm = resolve_model(model)
-    calls = load_calls(candidates, seeds, limit, candidate_kv, lm.model_id, dataset, topology)
+    calls = load_calls(candidates, seeds, limit, candidate_kv, lm.model_id, dataset, topology, offset, sample_seed)
     out.mkdir(parents=True, exist_ok=True)
     judge = make_judge(lm, candidate_kv)
     results: dict = {}
@@ -62,7 +63,8 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
         res = KINDS[k](judge, calls, methods, out, progress)
         res["config"] = {"model": lm.model_id, "candidates": str(candidates), "candidate_kv": candidate_kv,
                          "topology": topology,
-                         "seeds": seeds, "limit": limit, "methods": methods, "calls": len(calls),
+                         "seeds": seeds, "limit": limit, "offset": offset, "sample_seed": sample_seed,
+                         "methods": methods, "calls": len(calls),
                          "seconds": round(time.perf_counter() - t0, 1)}
         (out / f"{k}.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
         results[k] = res

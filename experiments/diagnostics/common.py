@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # the object API: files only, no pyplot st
 
 from kvjudge.experiments.candidates import CandidateSet, load_candidates, with_agent_prompts
 from kvjudge.experiments.data import ALIASES
-from kvjudge.experiments.datasets import DATASETS, load_dataset
+from kvjudge.experiments.datasets import DATASETS, load_dataset, sample_ids
 from kvjudge.experiments.judging import permutation
 from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES
@@ -105,8 +105,10 @@ def calls_for(sets: dict[str, CandidateSet], texts: dict[str, str], seeds: Seque
 
 
 def load_calls(path: str | Path, seeds: Sequence[int], limit: int | None, candidate_kv: str, model_id: str,
-               dataset: str | None = None, topology: str | None = None) -> list[Call]:
-    """The judge calls of the first ``limit`` candidate sets of ``path`` under each shuffle seed.
+               dataset: str | None = None, topology: str | None = None, offset: int = 0,
+               sample_seed: int | None = None) -> list[Call]:
+    """The judge calls of ``limit`` candidate sets of ``path`` (after ``offset``, in the sampling order of
+    their dataset, :func:`kvjudge.experiments.datasets.sample_ids`) under each shuffle seed.
 
     In ``agent`` mode, sets without agent prompts (files written before prompts were kept) get them
     rebuilt from ``topology`` (a file or shipped name) when one is given; else a one-line error."""
@@ -117,8 +119,12 @@ def load_calls(path: str | Path, seeds: Sequence[int], limit: int | None, candid
     if not seeds:
         raise DiagnoseError("give at least one shuffle seed")
     sets = load_candidates(path)  # one-line ValueError on a bad file
-    if limit is not None:
-        sets = dict(list(sets.items())[: int(limit)])
+    if limit is not None or offset or sample_seed is not None:
+        prefixes = {tid.split("/")[0].strip().lower() for tid in sets}
+        name = dataset or (next(iter(prefixes)) if len(prefixes) == 1 else None)
+        sets = {t: sets[t] for t in sample_ids(list(sets), name, limit, offset, sample_seed)}
+        if not sets:
+            raise DiagnoseError(f"--offset {offset} skips every candidate set of {path}")
     texts = _problem_texts(sets, dataset)
     if candidate_kv == "agent" and topology and any(cs.agent_prompts is None for cs in sets.values()):
         with_agent_prompts(sets, texts, load_topology(resolve_topology(topology)))  # one-line ValueError
