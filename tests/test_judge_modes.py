@@ -1,4 +1,7 @@
-"""Candidate-KV modes (judge_prefix / agent / isolated) and output modes (label / generate), tiny models, fp32 CPU."""
+"""Candidate-KV modes (judge_prefix / agent / isolated) and output modes (label / generate), tiny models, fp32 CPU.
+
+The invariants every method keeps in every mode are one matrix in ``test_judge_matrix.py``; this file
+holds what is particular to a mode."""
 
 from __future__ import annotations
 
@@ -12,8 +15,6 @@ from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import place, to_cache
 from kvjudge.judges.candidate import Candidate
 from kvjudge.judges.judge import Judge
-from kvjudge.judges.methods import known_methods
-from kvjudge.judges.parse import parse_choice
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models.chat import agent_prompt_ids
 
@@ -24,7 +25,6 @@ TEXTS = [
     "add = lambda a, b: sum([a, b])",
 ]
 AGENT_PROMPT = "You are a careful programmer. " + PROBLEM
-ALL = known_methods()
 FEW = 12  # decode budget in generate tests (tiny random models ramble; keep runs short)
 
 
@@ -44,17 +44,6 @@ def _fresh_kv(lm, context, ids):
 
 
 # ------------------------------------------------------------------ candidate-KV modes, label output
-
-@pytest.mark.parametrize("method", ALL)
-def test_judge_prefix_one_candidate_equals_dense_with_candidate_objects(tiny, method):
-    judge = Judge(tiny, candidate_kv="judge_prefix")
-    cands = [Candidate(TEXTS[0], source="a")]
-    dense = judge.judge(PROBLEM, cands, method="dense")
-    for _ in range(2):
-        v = judge.judge(PROBLEM, cands, method=method)
-        assert v.winner == 1 and v.candidate_kv == "judge_prefix"
-        assert v.scores == pytest.approx(dense.scores, abs=1e-4)
-
 
 @pytest.mark.parametrize("mode", ["agent", "isolated"])
 def test_agent_and_isolated_one_candidate_naive_differs_from_dense(tiny, mode):
@@ -197,17 +186,6 @@ def _hf_greedy(lm, ids, past, n):
     return lm.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_generate_one_candidate_every_method_decodes_dense_text(tiny, method):
-    judge = Judge(tiny, output="generate", max_new_tokens=FEW)
-    dense = judge.judge(PROBLEM, TEXTS[:1], method="dense")
-    assert dense.answer_text is not None and dense.scores == [] and 0 < dense.decoded_tokens <= FEW
-    for _ in range(2):
-        v = judge.judge(PROBLEM, TEXTS[:1], method=method)
-        assert v.output == "generate" and v.answer_text == dense.answer_text
-        assert (v.winner, v.parse_rule) == parse_choice(v.answer_text, 1)
-
-
 def test_generate_decodes_on_the_reused_cache(llama):
     """Dense and naive texts == transformers' own greedy decode on the full prompt / on the naive pieces."""
     judge = Judge(llama, output="generate", max_new_tokens=FEW)
@@ -226,17 +204,6 @@ def test_generate_decodes_on_the_reused_cache(llama):
         segs.append(runner.encode(p.prefix, cand))
     past = to_cache(place(segs, runner.inv_freq), llama.model.config)
     assert naive.reused and naive.answer_text == _hf_greedy(llama, ids, past, FEW)
-
-
-@pytest.mark.parametrize("mode", ["agent", "isolated"])
-def test_generate_works_in_every_candidate_kv_mode(llama, mode):
-    judge = Judge(llama, candidate_kv=mode, output="generate", max_new_tokens=FEW)
-    cands = _agent_candidates(llama)
-    for method in ("dense", "naive", "random_gate"):
-        v = judge.judge(PROBLEM, cands, method=method)
-        assert v.answer_text is not None and v.candidate_kv == mode
-        assert (v.winner, v.parse_rule) == parse_choice(v.answer_text, 3)
-        assert v.to_dict()["answer_text"] == v.answer_text
 
 
 def test_label_outcome_winner_is_the_argmax(llama):
