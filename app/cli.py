@@ -101,10 +101,17 @@ def _names(flag: str, value: str, known: tuple[str, ...], kind: str) -> list[str
 
 
 def _floats(flag: str, value: str) -> list[float]:
+    """A comma-separated ``--flag`` list of distinct numbers, at least one (else a one-line error)."""
     try:
-        return [float(x) for x in value.split(",") if x.strip()]
+        numbers = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--{flag}: {value!r} is not a comma-separated list of numbers") from None
+    if not numbers:
+        raise UserError(f"--{flag}: give at least one number")
+    twice = next((x for i, x in enumerate(numbers) if x in numbers[:i]), None)
+    if twice is not None:
+        raise UserError(f"--{flag}: {twice:g} is given twice")
+    return numbers
 
 
 def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None:

@@ -18,10 +18,17 @@ uncompressed, ``accuracy`` (GSM8K / MMLU), ``store_bytes`` (the compressed candi
 distinct candidate once; ``store_ratio`` over the uncompressed bytes), ``latency_ms`` and
 ``score_shift``: the mean absolute change of the candidates' label log-probabilities against the same
 judge method uncompressed (nats; finer than a changed winner).
+
+Stateful judge methods (KVCOMM's anchor pools and reuse decisions, DG-JKR's and the random gate's
+arms, the gate's RNG) judge every point of a set from the very state they had when the set's
+uncompressed reference ran (a copy sharing the anchors' tensors, :func:`_method_state`); after the set
+they continue from the state the reference left. Ratio 1.0 hands the judge the uncompressed KV itself,
+so its point repeats the reference call for call: same decisions, same scores.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +92,46 @@ def _grades(b: BenchSet) -> list[bool] | None:
     return [bool(ds.grade(ref, text)) for text in b.cs.candidates]
 
 
+def _shared_tensors(obj: object, memo: dict, seen: set) -> None:
+    """Map every tensor reachable from ``obj`` (attributes, dict / list / tuple items) to itself in the
+    ``copy.deepcopy`` memo ``memo``, so a deep copy shares tensors instead of cloning them."""
+    import torch  # function-body import: only needed once a model is loaded
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        memo[id(obj)] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _shared_tensors(k, memo, seen), _shared_tensors(v, memo, seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            _shared_tensors(v, memo, seen)
+    elif hasattr(obj, "__dict__"):
+        _shared_tensors(vars(obj), memo, seen)
+
+
+def _method_state(judge: Judge, names: Sequence[str]) -> dict:
+    """A copy of the state of the judge's method instances ``names`` (their attributes; tensors shared:
+    anchors are replaced, never written in place)."""
+    live = {m: vars(judge.method(m)) for m in names}
+    memo: dict = {}
+    _shared_tensors(live, memo, set())
+    return copy.deepcopy(live, memo)
+
+
+def _restore_methods(judge: Judge, state: dict) -> None:
+    """Put the judge's method instances back to ``state`` (from :func:`_method_state`; itself left intact)."""
+    memo: dict = {}  # one more shared-tensor copy: the same state serves every point
+    _shared_tensors(state, memo, set())
+    fresh = copy.deepcopy(state, memo)
+    for m, attrs in fresh.items():
+        inst = judge.method(m)  # the live instance the judge dispatches to, updated in place
+        vars(inst).clear()
+        vars(inst).update(attrs)
+
+
 def _judge_all(judge: Judge, b: BenchSet, seeds: Sequence[int], methods: Sequence[str]) -> dict:
     """``{(seed, method): (original winner, latency_ms, label log-probs in original order)}`` on each
     seed's shuffle of ``b``."""
@@ -127,6 +174,13 @@ def bench_compress(
         raise CompressError(f"unknown candidate-KV mode {mode!r}; known: {', '.join(CANDIDATE_KV_MODES)}")
     if "none" in methods:
         raise CompressError("'none' is the uncompressed reference every point is compared with; leave it out of --methods")
+    for what, given in (("kept ratio", [float(r) for r in ratios]), ("compression method", list(methods)),
+                        ("judge method", list(judge_methods))):
+        if not given:
+            raise CompressError(f"no {what} given")
+        twice = next((x for i, x in enumerate(given) if x in given[:i]), None)
+        if twice is not None:
+            raise CompressError(f"{what} {twice!r} given twice (each point is measured once)")
     for r in ratios:
         if not 0 < float(r) <= 1:
             raise CompressError(f"kept ratio must be in (0, 1], not {r!r}")
@@ -147,7 +201,9 @@ def bench_compress(
         keys = list(dict.fromkeys(judge.candidate_kv_request(b.problem, c)["key"] for c in cands))
         dense_segs = {k: runner.lookup(k) for k in keys}
         dense_bytes += sum(s.nbytes for s in dense_segs.values())
+        before = _method_state(judge, judge_methods)  # every point of this set starts from it
         ref = _judge_all(judge, b, seeds, ["dense", *judge_methods])
+        after = _method_state(judge, judge_methods)  # the next set continues from the reference
         for m in judge_methods:
             for seed in seeds:
                 bm = base[m]
@@ -159,6 +215,7 @@ def bench_compress(
         for method in methods:
             for ratio in ratios:
                 try:
+                    _restore_methods(judge, before)
                     compress_candidates(judge, b.problem, cands, {"method": method, "ratio": float(ratio)})
                     nbytes = sum(runner.lookup(k).nbytes for k in keys)
                     got = {}
@@ -185,6 +242,7 @@ def bench_compress(
                         row.setdefault("latency", []).append(lat)
                         if grades:
                             row.setdefault("correct", []).append(grades[w] if w is not None else False)
+        _restore_methods(judge, after)
         done += 1
         result = _summary(rows, base, dense_bytes, lm.model_id, candidates_path, done, mode, seeds, methods, ratios,
                           judge_methods)

@@ -6,15 +6,19 @@ import itertools
 from dataclasses import fields
 
 import pytest
+import torch
 
-from kvjudge.cache.anchors import AnchorPool
-from kvjudge.cache.segments import place
+from kvjudge.cache.anchors import Anchor, AnchorPool, correction
+from kvjudge.cache.segments import CompressedSegment, KVSegment, place
+from kvjudge.experiments.judging import compress_candidates
 from kvjudge.judges.base import JudgeCase
 from kvjudge.judges.catalog import METHOD_OPTIONS
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.methods import METHODS, make_method
 from kvjudge.judges.methods.random_gate import exact_coverage_choice
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
+from kvjudge.models import LoadedModel, byte_tokenizer, tiny_model
+from kvjudge.models.tiny import spec_id
 
 PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
 CANDIDATES = [
@@ -46,7 +50,8 @@ def test_one_anchor_per_agent_and_content_across_shuffles(llama, method, monkeyp
     impl = judge.method(method)
     tests = []
     real_test = AnchorPool.needs_anchor
-    monkeypatch.setattr(AnchorPool, "needs_anchor", lambda pool, v: tests.append(v.shape[2]) or real_test(pool, v))
+    monkeypatch.setattr(AnchorPool, "needs_anchor",
+                        lambda pool, v, mask=None: tests.append(v.shape[2]) or real_test(pool, v, mask))
     verdicts = _shuffles(judge, method)
     assert len(tests) == 3  # one reuse decision per (agent, content), made the first time it is seen
     # all three contents are new to empty pools: measured once, then reused in every other order
@@ -191,3 +196,100 @@ def test_generate_output_with_one_candidate_decodes_as_dense(llama, method):
         v = judge.judge(PROBLEM, CANDIDATES[:1], method=method)
         assert v.answer_text == dense.answer_text and v.winner == dense.winner
         assert "measured" in v.decision
+
+
+def _dense_on_kept(engine, case) -> list:
+    """The placed pieces with every KV taken from the real judge prompt's dense prefill: prefix and glue
+    whole, each compressed candidate as the very (layer, head, token) entries it kept, cut from the
+    real KV (so only the entries differ from the naive pieces, not which ones are there)."""
+    _, real = engine.dense(case, keep_cache=True)
+    out = []
+    for _, _, seg in engine.pieces(case):
+        cut = real.slice(seg.start, seg.start + seg.length)
+        out.append(CompressedSegment.from_keep(cut, seg.keep_mask()) if isinstance(seg, CompressedSegment) else cut)
+    return out
+
+
+@pytest.mark.parametrize("press", ["knorm", "streaming", "laprox"])  # per-head, per-layer and global kept sets
+@pytest.mark.parametrize("anchors_from", ["compressed", "uncompressed"])
+def test_kvcomm_corrects_a_compressed_candidate_on_its_kept_entries(press, anchors_from):
+    """Store compression (``judge_prefix`` candidate KV, ratio 0.5): KVCOMM corrects the compressed
+    candidates -- its scores move away from naive's on the same compressed KV -- and with the exact
+    anchor of each candidate (measured on it compressed, or uncompressed before the store compressed
+    it) it reproduces dense on the kept entries (:func:`_dense_on_kept`)."""
+    lm = LoadedModel(tiny_model("tiny-llama").float(), byte_tokenizer(), spec_id("tiny-llama", {}))  # private:
+    judge = Judge(lm, candidate_kv="judge_prefix")  # compression switches its attention to the masking wrapper
+    engine, kv = judge.engine, make_method("kvcomm")
+    judge.prefetch(PROBLEM, CANDIDATES)
+    if anchors_from == "uncompressed":
+        assert kv(engine, judge.case(PROBLEM, CANDIDATES, SOURCES)).decision["measured"]
+    compress_candidates(judge, PROBLEM, CANDIDATES, {"method": press, "ratio": 0.5})
+    case = judge.case(PROBLEM, CANDIDATES, SOURCES)
+    assert all(isinstance(seg, CompressedSegment) for kind, _, seg in engine.pieces(case) if kind == "candidate")
+    if anchors_from == "compressed":
+        first = kv(engine, case)
+        assert first.decision["measured"] and first.decision["new_anchors"] == 3
+        for (kind, slot, seg) in engine.pieces(case):  # each anchor holds exactly its candidate's kept entries
+            if kind == "candidate":
+                assert torch.equal(kv.pool(SOURCES[slot]).anchors[0].mask, seg.keep_mask())
+        case = judge.case(PROBLEM, CANDIDATES, SOURCES)
+    naive = make_method("naive")(engine, case).scores
+    got = kv(engine, case)
+    assert got.reused and not got.decision["measured"]
+    assert (got.scores - naive).abs().max() > 1e-3  # a correction was applied
+    want = engine.score_pieces(case, _dense_on_kept(engine, case)).scores
+    assert (want - naive).abs().max() > 1e-3  # ... and there was something to correct
+    assert got.scores.tolist() == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def test_dg_jkr_kvcomm_arm_is_not_naive_on_compressed_candidates():
+    """Under store compression DG-JKR's KVCOMM arm corrects (reused, scores off naive's), so the gate
+    compares two different answers, as it does uncompressed."""
+    lm = LoadedModel(tiny_model("tiny-llama").float(), byte_tokenizer(), spec_id("tiny-llama", {}))
+    judge = Judge(lm, candidate_kv="judge_prefix")
+    judge.prefetch(PROBLEM, CANDIDATES)
+    compress_candidates(judge, PROBLEM, CANDIDATES, {"method": "knorm", "ratio": 0.25})
+    dg = judge.method("dg_jkr")
+    judge.judge(PROBLEM, CANDIDATES, method="dg_jkr", sources=SOURCES)  # measures the anchors
+    again = judge.judge(PROBLEM, CANDIDATES, method="dg_jkr", sources=SOURCES)
+    assert again.decision["kvcomm_reused"] and not again.decision["measured"]
+    case = judge.case(PROBLEM, CANDIDATES, SOURCES)
+    arm, naive = dg._second(judge.engine, case), make_method("naive")(judge.engine, case)
+    assert (arm.scores - naive.scores).abs().max() > 1e-3
+
+
+def _random_anchor(key, L, H, T, D, gen, glue=5) -> Anchor:
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    return Anchor(key, 0, r(L, H, T, D), r(L, H, T, D), r(L, H, T, D), r(L, H, T, D), r(L, H, glue, D), r(L, H, glue, D))
+
+
+def test_masked_correction_reduces_to_the_original_rule():
+    """All-kept masks (on the segment and on the anchors) give the unmasked correction; a mask keeps
+    each entry's blend to the anchors that measured it (closed form with two anchors)."""
+    gen = torch.Generator().manual_seed(0)
+    L, H, n, D = 3, 2, 6, 4
+    anchors = [_random_anchor(i, L, H, n + i, D, gen) for i in range(3)]
+    bk, bv = torch.randn(L, H, n, D, generator=gen), torch.randn(L, H, n, D, generator=gen)
+    plain = correction(anchors, bk, bv, glue_len=4, tau=0.7)
+    full = torch.ones(L, H, n, dtype=torch.bool)
+    for a in anchors:
+        a.mask = torch.ones(L, H, a.length, dtype=torch.bool)
+    masked = correction(anchors, bk, bv, glue_len=4, tau=0.7, mask=full)
+    for name in ("dk", "dv", "glue_dk", "glue_dv"):
+        assert torch.allclose(getattr(masked, name), getattr(plain, name), atol=1e-6), name
+    # anchor 1 measured only token 2 of (layer 1, head 0): every other kept entry of layer >= 1 is
+    # anchor 0's delta alone (entries the segment dropped get none); that one entry blends both by the
+    # token distance over the entries both hold
+    two = [_random_anchor(i, L, H, n, D, gen) for i in range(2)]
+    two[1].mask = torch.zeros(L, H, n, dtype=torch.bool)
+    two[1].mask[1, 0, 2] = True
+    keep = torch.rand(L, H, n, generator=gen) > 0.3
+    keep[1, 0, 2] = True
+    got = correction(two, bk, bv, tau=1.0, mask=keep)
+    d0 = ((bk - two[0].base_k).abs().sum(-1) * keep).sum((0, 1)) / (keep.sum((0, 1)) * D)  # [n]
+    d1 = (bk - two[1].base_k)[1, 0, 2].abs().mean()
+    w = torch.softmax(torch.stack([-d0[2], -d1]), 0)
+    expected = two[0].dk * keep.unsqueeze(-1)
+    expected[0] = 0
+    expected[1, 0, 2] = w[0] * two[0].dk[1, 0, 2] + w[1] * two[1].dk[1, 0, 2]
+    assert torch.allclose(got.dk, expected, atol=1e-6)

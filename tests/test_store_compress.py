@@ -70,6 +70,20 @@ def test_agent_put_compresses_and_store_reports_bytes_saved(lm, ratio, monkeypat
     assert abs(stats["bytes_saved"] - (1 - ratio) * full) <= 0.03 * full
 
 
+def test_agent_put_at_ratio_one_stores_the_segment_itself(lm, monkeypatch):
+    ids = list(answer_ids(lm.tokenizer, ANSWERS[2]))
+    store = KVStore(budget_bytes=10 * _kv_bytes(lm, len(ids)))
+    agent = actor_mod._AgentActorImpl.__new__(actor_mod._AgentActorImpl)
+    agent.gen, agent.store, agent.compress = Generator(lm), store, {"method": "snapkv", "ratio": 1.0}
+    monkeypatch.setattr(actor_mod, "put_segment", lambda st, key, seg, meta: st.put(key, seg, meta))
+    prompt_ids = agent_prompt_ids(lm.tokenizer, f"Solve this: {PROBLEM}")
+    assert agent.encode(prompt_ids, ids, "k")
+    held = store.get("k")
+    assert not isinstance(held, CompressedSegment)
+    assert torch.equal(held.keys, agent.gen.encode(prompt_ids, ids).keys)
+    assert store.stats()["bytes"] == _kv_bytes(lm, len(ids)) and store.stats()["bytes_saved"] == 0
+
+
 def _cands(mode: str) -> list:
     if mode != "agent":
         return list(ANSWERS)
@@ -90,14 +104,17 @@ def test_compress_candidates_feeds_compressed_kv_to_naive(lm, mode):
     for ratio in (1.0, 0.25):
         compress_candidates(judge, PROBLEM, cands, {"method": "laprox", "ratio": ratio})
         held = [judge.runner.lookup(k) for k in originals]
-        assert all(isinstance(s, CompressedSegment) for s in held)
-        assert all(abs(s.kept_ratio - kept_count(s.length, ratio) / s.length) < 1e-9 for s in held)
+        if ratio == 1.0:  # nothing dropped: the store hands over the very segments, not wrappers
+            assert all(s is seg for s, seg in zip(held, originals.values()))
+        else:
+            assert all(isinstance(s, CompressedSegment) for s in held)
+            assert all(abs(s.kept_ratio - kept_count(s.length, ratio) / s.length) < 1e-9 for s in held)
         compress_candidates(judge, PROBLEM, cands, {"method": "laprox", "ratio": ratio})  # never twice
         assert all(judge.runner.lookup(k) is s for k, s in zip(originals, held))
         got[ratio] = {m: torch.tensor(judge.judge(PROBLEM, cands, m).scores) for m in ("naive", "dense")}
         for k, seg in originals.items():
             judge.runner.remember(k, seg)
-    assert torch.allclose(got[1.0]["naive"], base["naive"], atol=1e-6, rtol=0)
+    assert torch.equal(got[1.0]["naive"], base["naive"])
     assert (got[0.25]["naive"] - base["naive"]).abs().max() > 1e-4
     for ratio in got:  # dense prefills everything itself: compression cannot touch it
         assert torch.allclose(got[ratio]["dense"], base["dense"], atol=1e-6, rtol=0)
@@ -105,15 +122,16 @@ def test_compress_candidates_feeds_compressed_kv_to_naive(lm, mode):
 
 def _write_sets(path, lm) -> dict[str, str]:
     """Two progressive-refinement sets: one with the agents' prompt and answer token ids written out (the
-    answer ids say more than the texts, so only an agent-mode judge holds KV of their length), one with
-    texts alone (its agent prompts are rebuilt from the topology)."""
+    prompt ids are not the agent prompts' text, so only an agent-mode judge that reads them holds that
+    context), one with texts alone (its agent prompts are rebuilt from the topology)."""
     problems = {"toy/1": PROBLEM, "toy/2": "What is 9 * 6?"}
     ids = lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answers = [t + f" (checked {i + 1} times)" for i, t in enumerate(ANSWERS)]
     lines = [
-        {"task_id": "toy/1", "problem": problems["toy/1"], "candidates": ANSWERS, "sources": ["a1", "a2", "a3", "a4"],
+        {"task_id": "toy/1", "problem": problems["toy/1"], "candidates": answers, "sources": ["a1", "a2", "a3", "a4"],
          "agent_prompts": [f"Agent {i}: {PROBLEM}" for i in range(4)],
          "prompt_ids": [ids(f"<agent {i}> {PROBLEM}") for i in range(4)],
-         "token_ids": [ids(t + f" (checked {i + 1} times)") for i, t in enumerate(ANSWERS)], "model_id": lm.model_id},
+         "token_ids": [ids(t) for t in answers], "model_id": lm.model_id},
         {"task_id": "toy/2", "problem": problems["toy/2"], "candidates": ["54", "9 * 6 = 56", "It is 54.", "45"],
          "sources": ["a1", "a2", "a3", "a4"]},
     ]
@@ -147,9 +165,13 @@ def test_bench_compress_agent_mode(tmp_path, lm):
     for method in ("laprox", "random"):
         one, quarter = pts[(method, 1.0, "naive")], pts[(method, 0.25, "naive")]
         assert one["jcr_vs_uncompressed"] == 1.0 and one["jcr"] == out["uncompressed"]["naive"]["jcr"]
-        assert one["score_shift"] < 1e-5 < quarter["score_shift"]
+        assert one["score_shift"] < 1e-6 < 1e-5 < quarter["score_shift"]
         assert abs(quarter["store_ratio"] - 0.25) < 0.05
         assert pts[(method, 0.25, "dg_jkr")]["jcr"] is not None
+        # DG-JKR at ratio 1.0 (its KVCOMM arm keeps its anchors and decisions) repeats itself uncompressed
+        dg = pts[(method, 1.0, "dg_jkr")]
+        assert dg["jcr_vs_uncompressed"] == 1.0 and dg["score_shift"] < 1e-6
+        assert dg["jcr"] == out["uncompressed"]["dg_jkr"]["jcr"]
     saved = json.loads((tmp_path / "out" / "compress.json").read_text())
     assert saved["points"] == json.loads(json.dumps(out["points"]))
     assert (tmp_path / "out" / "compress_jcr.png").is_file()
@@ -164,3 +186,25 @@ def test_bench_compress_bad_input_is_one_line(tmp_path, lm):
     assert "\n" not in str(err.value)
     with pytest.raises(CompressError, match="candidate-KV mode"):
         bench_compress(path, lm, methods=("knorm",), ratios=(0.5,), candidate_kv="shared")
+    # a point twice would count its bytes twice (more than uncompressed); no point at all is no sweep
+    for kwargs, msg in (({"ratios": (0.5, 0.5)}, "kept ratio 0.5 given twice"), ({"ratios": ()}, "no kept ratio"),
+                        ({"methods": ("knorm", "knorm")}, "'knorm' given twice"),
+                        ({"judge_methods": ("naive", "naive")}, "'naive' given twice")):
+        with pytest.raises(CompressError, match=msg) as err:
+            bench_compress(path, lm, **{"methods": ("knorm",), "ratios": (0.5,), "judge_methods": ("naive",),
+                                        "candidate_kv": "judge_prefix", **kwargs})
+        assert "\n" not in str(err.value)
+
+
+def test_bench_compress_cli_ratios_are_distinct_and_not_empty(tmp_path, capsys):
+    """``kvjudge bench compress --ratios``: duplicates and an empty list are one-line errors, exit 2."""
+    from kvjudge.app.cli import main
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"task_id": "t/1", "problem": "2+3?", "candidates": ["5", "6"]}) + "\n")
+    for ratios, msg in (("0.5,0.5", "0.5 is given twice"), ("", "at least one"), (" , ", "at least one")):
+        code = main(["bench", "compress", "--candidates", str(path), "--model", "tiny-llama", "--ratios", ratios,
+                     "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and msg in err and "--ratios" in err, err
+    assert not (tmp_path / "out" / "compress.json").exists()

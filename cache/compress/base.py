@@ -68,17 +68,19 @@ class Press(ABC):
 
     @torch.inference_mode()
     def compress(self, segment: KVSegment, model: torch.nn.Module | None = None,
-                 context: KVSegment | None = None) -> CompressedSegment:
-        """The compressed segment (every entry kept, unscored, at ``ratio == 1``)."""
+                 context: KVSegment | None = None) -> KVSegment | CompressedSegment:
+        """The compressed segment; ``segment`` itself (unscored, not a wrapper) when nothing would be
+        dropped: at ``ratio == 1``, for an empty segment, or when the budget keeps every entry."""
         if not isinstance(segment, KVSegment):
             raise CompressError(f"can only compress an uncompressed KVSegment, not {type(segment).__name__}")
         L, H, T, _ = segment.keys.shape
         if self.ratio >= 1.0 or T == 0:
-            return CompressedSegment.from_keep(segment, torch.ones(L, H, T, dtype=torch.bool))
+            return segment
         obs = None
         if self.needs_observation:
             if model is None:
                 raise CompressError(f"{self.name} scores against an observation window: it needs the model")
             obs = observe(model, segment, context, getattr(self, "window"))
         scores = self.score(segment, obs).float().cpu()
-        return CompressedSegment.from_keep(segment, select(scores, self.ratio, self.granularity, H))
+        keep = select(scores, self.ratio, self.granularity, H)
+        return segment if bool(keep.all()) else CompressedSegment.from_keep(segment, keep)

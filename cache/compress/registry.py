@@ -41,7 +41,8 @@ def make_press(method: str, ratio: float = 1.0, **options) -> Press | NoPress:
 
 def compress_segment(segment: KVSegment, model: torch.nn.Module | None, method: str, ratio: float,
                      context: KVSegment | None = None, **options) -> KVSegment | CompressedSegment:
-    """``segment`` compressed by ``method`` to the kept fraction ``ratio`` (``none``: the segment itself).
+    """``segment`` compressed by ``method`` to the kept fraction ``ratio``; the segment itself (not a
+    wrapper keeping every entry) for ``none``, at ``ratio == 1`` and whenever nothing would be dropped.
 
     ``model`` is the causal LM (``LoadedModel.model``) the segment was encoded with, needed by the
     observation-window methods (``snapkv``, ``laprox``); ``context`` is the KV the segment was encoded

@@ -26,6 +26,11 @@ every shuffle.
 ``KVCOMM_GROUP_JUDGE_ANCHORS=1``) or ``slot`` (every agent's anchors last measured at the candidate's
 display slot: the fork's ``..._BY_POSITION=1``). Pools live across calls, so anchors measured on one
 problem correct the next. The arithmetic and its mapping to the reference are in :mod:`kvjudge.cache.anchors`.
+
+A token-compressed candidate (store compression) is corrected like any other, on the entries it kept,
+each at its own position: its decision, its correction and an anchor measured on it use only the
+(layer, head, token) entries it holds (point 8 of :mod:`kvjudge.cache.anchors`); the glue after it is
+corrected whole.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, correction, to_frame0
+from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, correction, frame0, to_frame0
 from kvjudge.cache.encoder import segment_key
-from kvjudge.cache.segments import CompressedSegment, KVSegment
+from kvjudge.cache.segments import AnySegment, KVSegment
 from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.engine import JudgeEngine
 
@@ -45,7 +50,8 @@ POOL_BY = ("source", "all", "slot")
 
 @dataclass
 class _Item:
-    """One candidate to correct: where it sits, whose it is, its frame-0 cached KV ``[L, H, n, D]``."""
+    """One candidate to correct: where it sits, whose it is, its frame-0 cached KV ``[L, H, n, D]`` (and,
+    compressed, the mask ``[L, H, n]`` of the entries it kept)."""
 
     index: int  # in the pieces list
     slot: int
@@ -55,6 +61,7 @@ class _Item:
     base_v: torch.Tensor
     own: bool  # its own tokens deviate (else only the glue after it is corrected)
     glue: KVSegment | None
+    mask: torch.Tensor | None = None  # kept entries of a compressed candidate (None: all)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class KVCOMM(AnchorConfig):
         every = [a for agent in sorted(self.pools) for a in self.pools[agent].anchors]
         return every if self.pool_by == "all" else [a for a in every if a.slot == item.slot]
 
-    def items(self, engine: JudgeEngine, case: JudgeCase) -> tuple[list[KVSegment], list[_Item]]:
+    def items(self, engine: JudgeEngine, case: JudgeCase) -> tuple[list[AnySegment], list[_Item]]:
         """The placed pieces and the candidates among them that need a correction."""
         inv = engine.runner.inv_freq
         pieces = engine.pieces(case)
@@ -97,8 +104,8 @@ class KVCOMM(AnchorConfig):
         prefix = tuple(case.prompt.prefix)
         out = []
         for i, (kind, slot, seg) in enumerate(pieces):
-            if kind != "candidate" or isinstance(seg, CompressedSegment):
-                continue  # a token-compressed candidate (store compression) is reused as it is, uncorrected
+            if kind != "candidate":
+                continue
             glue = segs[i + 1] if i + 1 < len(pieces) and pieces[i + 1][0] == "glue" else None
             own = slot > 0 or not exact_first
             if not own and glue is None:
@@ -106,8 +113,8 @@ class KVCOMM(AnchorConfig):
             agent = case.sources[slot]
             # the content's identity: its tokens, what its KV was encoded after, the problem (prefix)
             key = segment_key(f"anchor:{agent}", prefix + tuple(case.context(slot)), case.prompt.candidates[slot])
-            bk, bv = to_frame0(seg, inv)
-            out.append(_Item(i, slot, agent, key, bk, bv, own, glue))
+            bk, bv, mask = frame0(seg, inv)
+            out.append(_Item(i, slot, agent, key, bk, bv, own, glue, mask))
         return segs, out
 
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
@@ -115,7 +122,7 @@ class KVCOMM(AnchorConfig):
         segs, items = self.items(engine, case)
         for it in items:  # the reuse decision: once per (agent, content), kept for good
             if (it.agent, it.key) not in self.decisions:
-                self.decisions[(it.agent, it.key)] = self.pool(it.agent).needs_anchor(it.base_v)
+                self.decisions[(it.agent, it.key)] = self.pool(it.agent).needs_anchor(it.base_v, it.mask)
         flagged = [it for it in items if self.decisions[(it.agent, it.key)]]
         missing = [it for it in flagged if self.pool(it.agent).get(it.key) is None]
         if missing:
@@ -126,7 +133,7 @@ class KVCOMM(AnchorConfig):
             return replace(outcome, reused=False, decision=decision)  # a copy: dense's memo stays as it is
         for it in items:
             corr = correction(self.anchors_for(it), it.base_k, it.base_v,
-                              it.glue.length if it.glue is not None else None, self.tau)
+                              it.glue.length if it.glue is not None else None, self.tau, it.mask)
             if corr is None:
                 continue
             if it.own:
@@ -137,12 +144,15 @@ class KVCOMM(AnchorConfig):
         return replace(outcome, decision={"measured": False, "new_anchors": 0, "updated_anchors": 0})
 
     @staticmethod
-    def _measure(it: _Item, seg: KVSegment, real: KVSegment, inv: torch.Tensor) -> Anchor:
-        """The deltas ``real - cached`` of the candidate and of its glue, frame 0, in the model's dtype."""
+    def _measure(it: _Item, seg: AnySegment, real: KVSegment, inv: torch.Tensor) -> Anchor:
+        """The deltas ``real - cached`` of the candidate (its kept entries only, when compressed: zero
+        elsewhere, ``Anchor.mask`` says which) and of its glue, frame 0, in the model's dtype."""
         dt = seg.keys.dtype  # anchors are stored in the model's dtype (bf16 on GPU), used in fp32
         rk, rv = to_frame0(real.slice(seg.start, seg.start + seg.length), inv)
-        anchor = Anchor(it.key, it.slot, it.base_k.to(dt), it.base_v.to(dt), (rk - it.base_k).to(dt),
-                        (rv - it.base_v).to(dt))
+        dk, dv = rk - it.base_k, rv - it.base_v
+        if it.mask is not None:
+            dk, dv = dk * it.mask.unsqueeze(-1), dv * it.mask.unsqueeze(-1)
+        anchor = Anchor(it.key, it.slot, it.base_k.to(dt), it.base_v.to(dt), dk.to(dt), dv.to(dt), mask=it.mask)
         if it.glue is not None:
             g = it.glue
             gk, gv = to_frame0(real.slice(g.start, g.start + g.length), inv)
