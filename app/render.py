@@ -38,10 +38,14 @@ def bench_table(result: dict) -> Table:
     cfg = result["config"]
     table = Table(
         caption=f"judge latency · {cfg['model']} · {cfg['candidates']} candidates × {cfg['candidate_tokens']} tokens"
-        f" · {cfg['repeats']} repeats · {cfg['device']}",
+        f" · {cfg['repeats']} repeats · {cfg['device']}"
+        + (f" · debias {cfg['debias']}" if cfg.get("debias", "none") != "none" else "")
+        + (f" · consensus of {cfg['permutations']} rotations" if cfg.get("permutations", 1) > 1 else ""),
         caption_justify="left",
     )
-    for col in ("method", "median ms", "× dense", "reused", "prefilled tokens"):
+    consensus = cfg.get("permutations", 1) > 1
+    cols = ("method", "median ms", "× dense", "reused", "prefilled tokens") + (("position consistency",) if consensus else ())
+    for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, row in result["methods"].items():
         table.add_row(
@@ -50,5 +54,6 @@ def bench_table(result: dict) -> Table:
             f"{row['ratio_to_dense']:.3f}" if row.get("ratio_to_dense") is not None else "-",
             f"{row['reuse_rate']:.0%}",
             str(row["prefilled_tokens"]),
+            *((f"{row['position_consistency']:.0%}",) if consensus else ()),
         )
     return table

@@ -160,6 +160,7 @@ def bench_compress(
     out_dir: str | Path | None = None,
     dataset: str | None = None,
     progress: Callable[[str], None] | None = None,
+    debias: str = "none",
 ) -> dict:
     """Sweep kept ratio x compression method (see the module docstring) in candidate-KV mode
     ``candidate_kv`` (``None``: ``agent``); writes ``compress.json`` (after every set, so a sweep cut
@@ -186,7 +187,7 @@ def bench_compress(
             raise CompressError(f"kept ratio must be in (0, 1], not {r!r}")
     sets = read_candidate_sets(candidates_path, dataset, limit, mode)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    judge = Judge(lm, "dense", candidate_kv=mode)
+    judge = Judge(lm, "dense", candidate_kv=mode, debias=debias)  # debias: label scores minus saved slot priors
     runner = judge.runner
     judge_methods = list(judge_methods)
     rows: dict[tuple, dict] = {}

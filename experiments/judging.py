@@ -80,6 +80,11 @@ def judge_record(task_id: str, seed: int, perm: list[int], verdict: Verdict, pas
         rec.update(output=verdict.output, answer_text=verdict.answer_text, parse_rule=verdict.parse_rule)
     if verdict.candidate_kv != "judge_prefix":
         rec["candidate_kv"] = verdict.candidate_kv
+    if verdict.debias != "none":  # scores are log p - log prior of the method's slot prior
+        rec["debias"] = verdict.debias
+    if verdict.consensus is not None:  # permutation consensus: per-rotation winners mapped to original indices
+        rec["consensus"] = {**verdict.consensus, "winners_original": [
+            None if w is None else to_original(perm, w) for w in verdict.consensus["winners"]]}
     if extra:
         rec.update(extra)
     return rec

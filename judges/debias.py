@@ -90,10 +90,9 @@ class PriorKey:
 
     def command(self, methods: Iterable[str]) -> str:
         """The ``kvjudge calibrate`` command that estimates this key's prior for ``methods``."""
-        flag = "--content-free " if self.kind == "content_free" else ""
         return (f"kvjudge calibrate --model {self.model_id} --candidates FILE --methods {','.join(methods)} "
-                f"{flag}--candidate-kv {self.candidate_kv} --judge-output {self.output} (candidate sets of "
-                f"{self.n})")
+                f"--judge-debias {self.kind} --candidate-kv {self.candidate_kv} --judge-output {self.output} "
+                f"(on sets of {self.n} candidates)")
 
 
 def prior_path(key: PriorKey, root: Path | None = None) -> Path:
@@ -176,12 +175,11 @@ def priors_for(key: PriorKey, methods: Sequence[str], table: PriorTable | None) 
 
 
 def needed_methods(name: str, impl: object) -> list[str]:
-    """The methods whose label scores ``impl`` (method ``name``) reads: itself, or, for a gate (an
-    instance holding other method instances), those methods' needs plus ``dense`` (its fallback)."""
+    """The methods whose label scores ``impl`` (method ``name``) may answer with: itself (a gate, i.e. an
+    instance holding other method instances: those methods instead), and always ``dense``, since gates
+    fall back to it and KVCOMM answers from a dense prefill when it measures an anchor."""
     subs = [v for v in vars(impl).values() if callable(v) and isinstance(getattr(type(v), "name", None), str)]
-    if not subs:
-        return [name]
-    out: list[str] = []
+    out: list[str] = [] if subs else [name]
     for sub in subs:
         out += [m for m in needed_methods(type(sub).name, sub) if m not in out]
     return out + ([] if "dense" in out else ["dense"])

@@ -37,6 +37,11 @@ Required keys:
     ``generate`` (the judge decodes free text and the chosen number is parsed from it).
   * ``max_tokens`` (int in [1, 4096], default 256): the decode budget of ``output: generate``
     (accepted with ``label`` too, so the command line can switch the output mode).
+  * ``debias``: ``none`` (default), ``pride`` or ``content_free``: label scores minus the method's
+    saved slot prior (``kvjudge calibrate``; see :mod:`kvjudge.judges.debias`). ``content_free``
+    needs ``output: label``; with ``output: generate``, ``pride`` is the vote over every rotation.
+  * ``permutations`` (int in [1, 9], default 1): permutation consensus over that many cyclic
+    rotations of the candidates (capped at their number).
 
 Optional keys:
 
@@ -157,6 +162,7 @@ class Edge(_Strict):
 
 CandidateKV = Literal["agent", "isolated", "judge_prefix"]
 JudgeOutput = Literal["label", "generate"]
+JudgeDebias = Literal["none", "pride", "content_free"]
 
 
 class JudgeSpec(_Strict):
@@ -167,6 +173,8 @@ class JudgeSpec(_Strict):
     candidate_kv: CandidateKV = "judge_prefix"
     output: JudgeOutput = "label"
     max_tokens: int = Field(default=256, ge=1, le=MAX_JUDGE_TOKENS)
+    debias: JudgeDebias = "none"
+    permutations: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
 
     def method_kwargs(self) -> dict:
         """Keyword arguments for the method's config: ``options`` plus ``coverage``/``seed`` where set

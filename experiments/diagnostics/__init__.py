@@ -37,7 +37,7 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
                  methods: Sequence[str] | None = None, candidate_kv: str = "agent",
                  seeds: Sequence[int] | None = None, limit: int | None = None, out: str | Path = "diagnostics",
                  dataset: str | None = None, progress: Progress = None, topology: str | None = None,
-                 offset: int = 0, sample_seed: int | None = None) -> dict:
+                 offset: int = 0, sample_seed: int | None = None, debias: str = "none") -> dict:
     """Run diagnostic ``kind`` (or ``all``) on the candidate file ``candidates``; write ``KIND.json``,
     its figures and ``diagnostics.md`` into ``out``. Returns ``{kind: result, ..., "report": path}``.
 
@@ -56,7 +56,7 @@ def run_diagnose(kind: str, candidates: str | Path, model: str | LoadedModel = "
     lm = resolve_model(model)
     calls = load_calls(candidates, seeds, limit, candidate_kv, lm.model_id, dataset, topology, offset, sample_seed)
     out.mkdir(parents=True, exist_ok=True)
-    judge = make_judge(lm, candidate_kv)
+    judge = make_judge(lm, candidate_kv, debias)
     results: dict = {}
     for k in kinds:
         t0 = time.perf_counter()

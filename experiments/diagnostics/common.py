@@ -135,9 +135,10 @@ def resolve_model(model: str | LoadedModel) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
-def make_judge(lm: LoadedModel, candidate_kv: str) -> Judge:
-    """An in-process judge (label output) in ``candidate_kv`` mode; methods are made on first use."""
-    return Judge(lm, method="dense", candidate_kv=candidate_kv, output="label")
+def make_judge(lm: LoadedModel, candidate_kv: str, debias: str = "none") -> Judge:
+    """An in-process judge (label output) in ``candidate_kv`` mode; methods are made on first use.
+    ``debias``: label scores minus each method's saved slot prior (:mod:`kvjudge.judges.debias`)."""
+    return Judge(lm, method="dense", candidate_kv=candidate_kv, output="label", debias=debias)
 
 
 def case_of(judge: Judge, call: Call) -> JudgeCase:
