@@ -42,6 +42,8 @@ def bench_judge(
     device: str | None = None,
     progress: bool = True,
     candidate_kv: str = "judge_prefix",
+    debias: str = "none",
+    permutations: int = 1,
 ) -> dict:
     """Time ``methods`` (dense always included); returns ``{"config", "methods": {name: row}}``.
 
@@ -55,7 +57,7 @@ def bench_judge(
     for name in names:
         make_method(name)
     lm = load_model(model, device=device)
-    judge = Judge(lm, candidate_kv=candidate_kv)
+    judge = Judge(lm, candidate_kv=candidate_kv, debias=debias, permutations=permutations)
     tok = lm.tokenizer
     texts = [synthetic_text(tok, candidate_tokens, seed=i) for i in range(candidates)]
     if candidate_kv == "agent":
@@ -74,6 +76,7 @@ def bench_judge(
     times: dict[str, list[float]] = {n: [] for n in names}
     reused: dict[str, list[bool]] = {n: [] for n in names}
     prefilled: dict[str, int] = {}
+    consistent: dict[str, list] = {n: [] for n in names}  # permutation consensus: one candidate under every rotation
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("timing judge methods", total=repeats * len(names))
         for _ in range(repeats):
@@ -82,8 +85,10 @@ def bench_judge(
                 times[name].append(v.latency_ms)
                 reused[name].append(v.reused)
                 prefilled[name] = v.prefilled_tokens
+                consistent[name].append((v.consensus or {}).get("consistent"))
                 bar.advance(task)
     dense = statistics.median(times["dense"])
+    prompt_tokens = len(judge.case(problem, texts).prompt.ids())
     rows = {}
     for name in names:
         med = statistics.median(times[name])
@@ -93,12 +98,17 @@ def bench_judge(
             "reuse_rate": sum(reused[name]) / len(reused[name]),
             "prefilled_tokens": prefilled[name],
             "runs_ms": times[name],
+            "cost_x_dense": prefilled[name] / prompt_tokens,  # prefilled tokens, as a share of one dense prefill
         }
+        if permutations > 1:
+            rows[name]["position_consistency"] = sum(bool(c) for c in consistent[name]) / len(consistent[name])
     config = {
         "model": model,
         "candidates": candidates,
         "candidate_tokens": candidate_tokens,
-        "prompt_tokens": len(judge.case(problem, texts).prompt.ids()),
+        "prompt_tokens": prompt_tokens,
+        "debias": debias,
+        "permutations": permutations,
         "repeats": repeats,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),

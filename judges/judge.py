@@ -12,8 +12,8 @@ from kvjudge.models.chat import agent_prompt_ids
 from kvjudge.cache.encoder import KVRunner, segment_key
 from kvjudge.judges.base import JudgeCase, JudgeMethod, Verdict
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, Candidate, answer_ids, as_candidates, check_mode
-from kvjudge.judges.debias import (PriorKey, PriorTable, check_debias, load_table, needed_methods, priors_for,
-                                   rotation, template_hash)
+from kvjudge.judges.debias import (PriorError, PriorKey, PriorTable, check_debias, load_table, needed_methods,
+                                   priors_for, rotation, template_hash)
 from kvjudge.judges.engine import JudgeEngine
 from kvjudge.judges.methods import make_method
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
@@ -130,6 +130,12 @@ class Judge:
 
     def reload_priors(self) -> None:
         self._tables.clear()
+
+    def use_priors(self, table: PriorTable) -> None:
+        """Judge with ``table`` for its key from now on (e.g. priors estimated in this run, not saved)."""
+        if table.key != self.prior_key(table.key.kind, table.key.candidate_kv, table.key.output, table.key.n):
+            raise PriorError(f"slot prior for {table.key.describe()} does not fit this judge ({self.lm.model_id})")
+        self._tables[table.key] = table
 
     def _agent_context(self, cand: Candidate, number: int) -> tuple[int, ...]:
         if cand.prompt_ids:
