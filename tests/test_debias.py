@@ -216,3 +216,27 @@ def test_cli_calibrate_then_judge(llama, tmp_path, capsys, monkeypatch):
                  "y", "--judge-debias", "pride", "--judge-permutations", "2", "--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["debias"] == "pride" and verdict["consensus"]["permutations"] == 2
+
+
+def test_eval_calibrates_on_the_first_problems_and_leaves_them_out(tmp_path):
+    from kvjudge.experiments.config import EvalConfig
+    from kvjudge.experiments.protocol import evaluate
+
+    gsm = [("What is 2 + 3?", 5), ("What is 10 - 4?", 6), ("What is 3 * 3?", 9), ("What is 8 / 2?", 4)]
+    data, cands = tmp_path / "gsm.jsonl", tmp_path / "cands.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"step\n#### {a}"}) + "\n" for q, a in gsm))
+    cands.write_text("".join(json.dumps({"task_id": f"gsm8k/{i}", "sources": ["a1", "a2", "a3"],
+                                         "candidates": [f"The answer is {a + d}." for d in (0, 1, -1)]}) + "\n"
+                             for i, (_, a) in enumerate(gsm)))
+    cfg = EvalConfig(dataset="gsm8k", out=tmp_path / "out", model="tiny-llama", methods="dense,naive", seeds="42",
+                     candidates=cands, data=str(data), candidate_kv="judge_prefix", judge_debias="pride",
+                     calibrate_on=2)
+    summary = evaluate(cfg, progress=False, verbose=False)
+    cal = summary["config"]["calibration"]
+    assert cal["kind"] == "pride" and cal["problems"] == ["gsm8k/0", "gsm8k/1"]
+    assert set(cal["priors"]["3"]) == {"dense", "naive"}
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert {r["task_id"] for r in records} == {"gsm8k/2", "gsm8k/3"}  # the calibration split is not scored
+    assert all(r["debias"] == "pride" for r in records)
+    with pytest.raises(ValueError, match="calibrate-on"):
+        EvalConfig(dataset="gsm8k", out=tmp_path / "x", calibrate_on=2)  # a split without a debias mode
