@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvjudge.judges.candidate import check_mode
 from kvjudge.judges.catalog import METHOD_ORDER
+from kvjudge.judges.debias import check_debias
 
 ARMS = ("naive", "kvcomm", "pal_kv")  # the random gate's possible reuse arms
 
@@ -37,6 +38,9 @@ class EvalConfig:
     gate_arm: str = "naive"  # the random gate's reuse arm
     unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
     compress: dict | None = None  # {"method", "ratio"}: candidate KV token-compressed as a store would
+    judge_debias: str = "none"  # none | pride | content_free (kvjudge.judges.debias)
+    judge_permutations: int = 1  # K > 1: permutation consensus over K cyclic rotations
+    calibrate_on: int = 0  # estimate the debias priors on the first K problems, judge (and score) only the rest
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -46,6 +50,10 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         check_mode(self.candidate_kv, self.judge_output, self.judge_max_tokens)
+        check_debias(self.judge_debias, self.judge_output, self.judge_permutations)
+        if self.calibrate_on < 0 or (self.calibrate_on and self.judge_debias == "none"):
+            raise ValueError(f"--calibrate-on {self.calibrate_on}: give K >= 1 together with --judge-debias pride "
+                             "or content_free")
         if self.gate_arm not in ARMS:
             raise ValueError(f"--gate-arm must be one of {', '.join(ARMS)}, not {self.gate_arm!r}")
 

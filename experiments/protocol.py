@@ -33,6 +33,7 @@ from kvjudge.experiments.candidates import (
     with_agent_prompts,
     write_candidates,
 )
+from kvjudge.experiments.calibrate import calibrate_split
 from kvjudge.experiments.config import PAPER_RANDOM_COVERAGE, EvalConfig
 from kvjudge.experiments.datasets import grade_candidates, load_dataset, sandbox_for
 from kvjudge.experiments.judging import judge_all, record_key, running_metrics, shown_candidates
@@ -86,8 +87,14 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
                                   unsafe_exec=cfg.unsafe_exec)
     with _timed(timings, "model_load_s"):
         lm = lm or load_model(cfg.model, device=cfg.device)
-        judge = Judge(lm, candidate_kv=cfg.candidate_kv, output=cfg.judge_output, max_new_tokens=cfg.judge_max_tokens)
+        judge = Judge(lm, candidate_kv=cfg.candidate_kv, output=cfg.judge_output, max_new_tokens=cfg.judge_max_tokens,
+                      debias=cfg.judge_debias, permutations=cfg.judge_permutations)
     problems, skipped = judgeable(judge, problems, sets)
+    calibration = None
+    if cfg.calibrate_on:  # priors from the first K problems, which are then left out of judging and scoring
+        with _timed(timings, "calibration_s"):
+            calibration = calibrate_split(judge, problems, sets, cfg.calibrate_on, cfg.methods, cfg.judge_debias)
+        problems = problems[cfg.calibrate_on:]
     task_ids = [str(p["id"]) for p in problems]
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
     bar = progress or _Silent()
@@ -107,6 +114,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     timings["total_s"] = time.perf_counter() - t_start
     config = run_config(cfg, lm, sets, task_ids, passes, source, used, skipped, timings)
     config["sandbox_isolation"] = sandbox
+    config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration)
     summary = {"config": config, **summary}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_plots(summary, cfg.out)
