@@ -5,25 +5,14 @@ No Ray here: this is the tensor engine the judge and the agents host.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
+from kvjudge.cache.keys import segment_key  # torch-free home of the key; re-exported here
+from kvjudge.cache.compat import cache_kwargs, output_cache
 from kvjudge.cache.segments import KVSegment, from_cache, joined_ids, rotate_keys, to_cache
-
-
-def segment_key(model_id: str, context_ids: Sequence[int], segment_ids: Sequence[int]) -> str:
-    """Content hash of (model, context tokens, segment tokens): the id of an encoded segment.
-
-    The tokenizer is part of ``model_id`` (token ids only mean something under one tokenizer).
-    """
-    h = hashlib.sha256(model_id.encode())
-    for part in (context_ids, segment_ids):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(torch.tensor(list(part), dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def rotary_inv_freq(model: torch.nn.Module) -> torch.Tensor:
@@ -49,7 +38,7 @@ def check_reindexable(model: torch.nn.Module, inv_freq: torch.Tensor) -> None:
     for pos in (0, 7):
         out = model(input_ids=torch.tensor([[1]], device=dev), position_ids=torch.tensor([[pos]], device=dev),
                     use_cache=True)
-        keys.append(out.past_key_values.layers[0].keys[0].float())
+        keys.append(output_cache(out).layers[0].keys[0].float())
     if keys[0].shape[-1] != 2 * inv_freq.numel():
         raise ValueError(f"{name} rotates {2 * inv_freq.numel()} of {keys[0].shape[-1]} key dims (partial RoPE): "
                          "KV re-indexing is unsupported")
@@ -107,7 +96,7 @@ class KVRunner:
         out = self.model(
             input_ids=input_ids,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(self.model, cache),
             use_cache=keep_cache or cache is not None,
             logits_to_keep=1,
         )
@@ -121,7 +110,70 @@ class KVRunner:
             else:
                 past_ids = joined_ids(segs)
                 known = past_ids + tuple(ids) if past_ids else ()
-            kv = from_cache(out.past_key_values, 0, None, known)
+            kv = from_cache(output_cache(out), 0, None, known)
+        return logprobs, kv
+
+    @torch.inference_mode()
+    def forward_partial(
+        self, segs: list[KVSegment], redo: list[torch.Tensor], ids: Sequence[int], keep_cache: bool = False
+    ) -> tuple[torch.Tensor, KVSegment | None]:
+        """Selective recompute (EPIC / CacheBlend): ``segs`` are placed back to back from position 0;
+        ``redo[i]`` (bool ``[len(segs[i])]``) marks the tokens of segment ``i`` that are recomputed in the
+        real context, the others are reused as cached; then ``ids`` (the suffix) follow. One forward runs
+        the recomputed tokens and the suffix against the reused KV with a 4-D mask: every token attends
+        to the reused and recomputed tokens at positions up to its own. Nothing redone == :meth:`forward`
+        (naive); everything redone after an exact first segment == a dense prefill. Returns log-probs
+        ``[V]`` of the last position and, with ``keep_cache``, the whole KV from position 0 in
+        position order.
+
+        Library internal (listed in :mod:`kvjudge.cache.compat`): transformers uses a 4-D
+        ``attention_mask`` (here additive, ``[1, 1, Q, K]``) as given, bypassing its own mask creation.
+        """
+        if not any(bool(m.any()) for m in redo):
+            return self.forward(ids, past=segs, keep_cache=keep_cache)
+        if segs[0].start != 0:
+            raise ValueError("past KV must start at position 0")
+        dev, dtype = self.device, segs[0].keys.dtype
+        keep_k, keep_v, kept_pos, new_pos, new_ids = [], [], [], [], []
+        for seg, m in zip(segs, redo):
+            m = m.to(torch.bool).cpu()
+            if m.numel() != seg.length or (m.any() and len(seg.token_ids) != seg.length):
+                raise ValueError(f"redo mask of {m.numel()} for a segment of {seg.length} tokens (with ids)")
+            pos = torch.arange(seg.start, seg.start + seg.length)
+            keep_k.append(seg.keys[:, :, ~m.to(seg.keys.device)])
+            keep_v.append(seg.values[:, :, ~m.to(seg.keys.device)])
+            kept_pos += pos[~m].tolist()
+            new_pos += pos[m].tolist()
+            new_ids += [seg.token_ids[i] for i in torch.nonzero(m).flatten().tolist()]
+        end = segs[-1].start + segs[-1].length
+        new_pos += list(range(end, end + len(ids)))
+        new_ids += list(ids)
+        keys, values = torch.cat(keep_k, dim=2), torch.cat(keep_v, dim=2)  # [L, H, T_kept, D]
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=((keys[i].unsqueeze(0), values[i].unsqueeze(0))
+                                             for i in range(keys.shape[0])), config=self.model.config)
+        kv_pos = torch.tensor(kept_pos + new_pos, device=dev)
+        q_pos = torch.tensor(new_pos, device=dev)
+        mask = torch.zeros(len(new_pos), len(kv_pos), dtype=dtype, device=dev)
+        mask.masked_fill_(kv_pos[None, :] > q_pos[:, None], torch.finfo(dtype).min)
+        out = self.model(
+            input_ids=torch.tensor([new_ids], dtype=torch.long, device=dev),
+            position_ids=q_pos.unsqueeze(0),
+            attention_mask=mask[None, None],
+            **cache_kwargs(self.model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.forward_calls += 1
+        self.forward_tokens += len(new_ids)
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        kv = None
+        if keep_cache:  # back into position order: a plain segment from position 0
+            full = from_cache(output_cache(out))
+            order = torch.argsort(kv_pos).to(full.keys.device)
+            every = joined_ids(segs) + tuple(ids)
+            kv = KVSegment(full.keys[:, :, order], full.values[:, :, order], 0, every if len(every) == len(order) else ())
         return logprobs, kv
 
     def remember(self, key: str, seg: KVSegment) -> KVSegment:

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvjudge.judges.candidate import check_mode
-from kvjudge.judges.catalog import METHOD_ORDER
+from kvjudge.judges.catalog import DEFAULT_METHODS, METHOD_ORDER
 from kvjudge.judges.debias import check_debias
+from kvjudge.topologies.schema import MAX_SEED, MAX_TEMPERATURE
 
 ARMS = ("naive", "kvcomm", "pal_kv")  # the random gate's possible reuse arms
 
-DEFAULT_METHODS: tuple[str, ...] = METHOD_ORDER
 DEFAULT_SEEDS: tuple[int, ...] = (42, 123, 456)
 PAPER_RANDOM_COVERAGE = 0.83
 
@@ -38,6 +38,11 @@ class EvalConfig:
     gate_arm: str = "naive"  # the random gate's reuse arm
     unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
     compress: dict | None = None  # {"method", "ratio"}: candidate KV token-compressed as a store would
+    method_options: dict | None = None  # {method: {key: value}}: --method-option METHOD.KEY=VALUE
+    offset: int = 0  # skip the first K problems of the sampling order (disjoint calibration / test splits)
+    sample_seed: int | None = None  # MMLU: the stratified sample's seed (0 when None); others: shuffle when set
+    temperature: float | None = None  # every agent samples at this temperature (None: the topology's own)
+    generation_seed: int = 0  # with a temperature: agent i samples with seed generation_seed + 1000 * i
     judge_debias: str = "none"  # none | pride | content_free (kvjudge.judges.debias)
     judge_permutations: int = 1  # K > 1: permutation consensus over K cyclic rotations
     calibrate_on: int = 0  # estimate the debias priors on the first K problems, judge (and score) only the rest
@@ -49,6 +54,15 @@ class EvalConfig:
         self.seeds = tuple(parse_seeds(self.seeds))
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.offset < 0:
+            raise ValueError(f"--offset must be >= 0, got {self.offset}")
+        if self.temperature is not None:
+            if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+                raise ValueError(f"--temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+            if self.candidates is not None:
+                raise ValueError("--temperature applies to candidate generation, which --candidates skips")
+        if not 0 <= self.generation_seed <= MAX_SEED // 2:
+            raise ValueError(f"--generation-seed must be in [0, {MAX_SEED // 2}], got {self.generation_seed}")
         check_mode(self.candidate_kv, self.judge_output, self.judge_max_tokens)
         check_debias(self.judge_debias, self.judge_output, self.judge_permutations)
         if self.calibrate_on < 0 or (self.calibrate_on and self.judge_debias == "none"):

@@ -16,13 +16,16 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "pal_kv": _ANCHOR_OPTIONS + ("pool_by",),
     "random_gate": ("coverage", "seed", "arm", "accept"),
     "dg_jkr": ("first", "second"),
+    "partial": ("recompute_first", "blend"),
     "selective": ("cheap", "score", "gate"),
 }
 METHOD_ORDER: tuple[str, ...] = tuple(METHOD_OPTIONS)
 GATE_METHODS: tuple[str, ...] = ("random_gate", "dg_jkr", "selective")  # methods whose outcome carries a ``gate``
 # methods that need a calibration file to be useful: not in the default method lists of eval / bench judge
 CALIBRATED_METHODS: tuple[str, ...] = ("selective",)
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_ORDER if m not in CALIBRATED_METHODS)
+# opt-in methods: calibrated ones, and ``partial`` (a cheap path with a knob; name it with its options)
+OPT_IN_METHODS: tuple[str, ...] = CALIBRATED_METHODS + ("partial",)
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_ORDER if m not in OPT_IN_METHODS)
 # a cheap path's bare value (``selective``'s ``cheap: partial:16``) names this option of its method
 CHEAP_SHORTHAND: dict[str, str] = {"partial": "recompute_first"}
 

@@ -131,6 +131,14 @@ class JudgeEngine:
         case.memo["pieces"] = [(kind, slot, seg) for (kind, slot), seg in zip(kinds, placed)]
         return list(case.memo["pieces"])
 
+    def score_partial(self, case: JudgeCase, redo: list[torch.Tensor], method: str | None = None) -> Outcome:
+        """Like :meth:`score_pieces` on :meth:`pieces`, with the tokens ``redo[i]`` (bool ``[len]`` per
+        placed piece, in piece order) recomputed in the judge's real context in the suffix's forward."""
+        generate = case.output == "generate"
+        segs = [seg for _, _, seg in self.pieces(case)]
+        logprobs, kv = self.runner.forward_partial(segs, redo, case.prompt.suffix, keep_cache=generate)
+        return self._answer(case, logprobs, kv, reused=True, method=method)
+
     def score_pieces(self, case: JudgeCase, segs: list[KVSegment], method: str | None = None) -> Outcome:
         """Prefill only the suffix against the assembled pieces and answer (labels, or decode on that cache).
         ``method``: the caller's registered name, whose slot prior debiases the labels (``case.debias``)."""

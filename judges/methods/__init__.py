@@ -7,16 +7,31 @@ Each method is a dataclass (its options are its fields) whose ``__call__(engine,
 
 from __future__ import annotations
 
-from kvjudge.judges.base import JudgeMethod
+from typing import TYPE_CHECKING, Protocol
+
+from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.catalog import METHOD_ORDER
 from kvjudge.judges.methods.dense import Dense
 from kvjudge.judges.methods.dg_jkr import DGJKR
 from kvjudge.judges.methods.kvcomm import KVCOMM
 from kvjudge.judges.methods.naive import Naive
 from kvjudge.judges.methods.pal_kv import PALKV
+from kvjudge.judges.methods.partial import Partial
 from kvjudge.judges.methods.random_gate import RandomGate
 from kvjudge.judges.methods.selective import Selective
 from kvjudge.judges.prompt import JudgeInputError
+
+if TYPE_CHECKING:
+    from kvjudge.judges.engine import JudgeEngine
+
+
+class JudgeMethod(Protocol):
+    """A registered method: its registry ``name`` and ``__call__(engine, case) -> Outcome``."""
+
+    name: str
+
+    def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome: ...
+
 
 METHODS: dict[str, type] = {
     "dense": Dense,
@@ -25,6 +40,7 @@ METHODS: dict[str, type] = {
     "pal_kv": PALKV,
     "random_gate": RandomGate,
     "dg_jkr": DGJKR,
+    "partial": Partial,
     "selective": Selective,
 }
 for _name, _cls in METHODS.items():
@@ -46,4 +62,4 @@ def make_method(name: str, **options) -> JudgeMethod:
         raise JudgeInputError(f"bad options for judge method {name!r}: {exc}") from exc
 
 
-__all__ = ["METHODS", "known_methods", "make_method"]
+__all__ = ["METHODS", "JudgeMethod", "known_methods", "make_method"]
