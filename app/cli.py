@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
-from kvjudge.judges.catalog import METHOD_ORDER
+from kvjudge.judges.catalog import DEFAULT_METHODS, METHOD_ORDER
 
 MAX_TEXT_BYTES = 1 << 20  # what ``@path`` may read
 
@@ -139,11 +139,13 @@ def build_parser() -> Parser:
                         "candidate, in order; @file allowed)")
     _add_judge_modes(j, "judge_prefix")
     j.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+    _add_method_options(j, gate=True)
     j.set_defaults(func=cmd_judge)
 
     _run_parsers(sub)
     _analysis_parsers(sub)
     _bench_parsers(sub)
+    _gate_parsers(sub)
     return root
 
 
@@ -175,8 +177,8 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--topology", default="progressive_refinement",
                    help="topology generating the candidates (file or shipped name; default progressive_refinement); "
                         "with --candidates it only labels the regime in the report")
-    e.add_argument("--methods", default=",".join(METHOD_ORDER),
-                   help=f"comma-separated judge methods, dense always included (default {','.join(METHOD_ORDER)})")
+    e.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated judge methods, dense always included (default {','.join(DEFAULT_METHODS)})")
     e.add_argument("--seeds", default="42,123,456", help="shuffle seeds (default 42,123,456)")
     e.add_argument("--limit", type=int, default=None, help="first N problems only")
     e.add_argument("--candidates", default=None, help="candidates.jsonl from an earlier run: skips generation")
@@ -188,6 +190,7 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--compress", default=None, help="token-compress stored candidate KV: METHOD:RATIO (kept fraction), e.g. laprox:0.25")
     e.add_argument("--unsafe-exec", action="store_true",
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
+    _add_method_options(e, gate=True)
     e.set_defaults(func=cmd_eval)
 
 
@@ -225,10 +228,12 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     bj.add_argument("--candidates", type=int, default=4)
     bj.add_argument("--candidate-tokens", type=int, default=256)
     bj.add_argument("--repeats", type=int, default=5)
-    bj.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated methods (default all)")
+    bj.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated methods (default all but those needing a gate file)")
     bj.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="judge_prefix",
                     help="where candidate KV comes from (default judge_prefix)")
     bj.add_argument("--json", action="store_true")
+    _add_method_options(bj)
     bj.set_defaults(func=cmd_bench_judge)
 
     br = bsub.add_parser("run", help="makespan of a topology run against its lower bound (sim or a real model)")
@@ -257,6 +262,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--out", default=None, help="folder for compress.json and the plot (default runs/bench-compress)")
     bc.add_argument("--json", action="store_true")
     bc.set_defaults(func=cmd_bench_compress)
+    _bench_gates_parser(bsub)
 
 
 # ---------------------------------------------------------------------------- the commands
@@ -269,7 +275,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from kvjudge.judges.prompt import JudgeInputError
     from kvjudge.models import load_model
 
-    make_method(args.method)  # unknown method: fail before loading a model
+    options = method_options_of(args)
+    for name, opts in {args.method: {}, **options}.items():
+        make_method(name, **opts)  # unknown method or options: fail before loading a model
     problem = read_text(args.problem)
     texts = [read_text(c) for c in args.candidate]
     if not texts:
@@ -277,6 +285,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
     candidates = _with_agent_prompts(texts, [read_text(p) for p in args.agent_prompt], args.candidate_kv)
     judge = Judge(load_model(args.model, device=args.device), method=args.method, candidate_kv=args.candidate_kv,
                   output=args.judge_output or "label", max_new_tokens=args.judge_max_tokens or 256)
+    for name, opts in options.items():
+        judge.method(name, **opts)
     verdict = judge.judge(problem, candidates)
     if args.json:
         print(json.dumps(verdict.to_dict()))
@@ -375,6 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
         gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
     )
+    cfg.method_options = method_options_of(args) or None
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
     reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
     try:
@@ -416,7 +427,8 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
     for flag in ("candidates", "candidate_tokens", "repeats"):
         positive(flag.replace("_", "-"), getattr(args, flag))
     result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods, args.device,
-                         progress=not args.json, candidate_kv=args.candidate_kv)
+                         progress=not args.json, candidate_kv=args.candidate_kv,
+                         method_options=method_options_of(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -482,6 +494,119 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
         print(f"{p['method']:<10} kept {p['ratio']:<5g} {p['judge_method']:<8} JCR {jcr}  vs uncompressed "
               f"{p.get('jcr_vs_uncompressed')}  score shift {p.get('score_shift')}  bytes {p.get('store_bytes')}")
     print(f"-> {out / 'compress.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- method options and gates
+def _add_method_options(p: argparse.ArgumentParser, gate: bool = False) -> None:
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="an option of a judge method (repeat), e.g. selective.gate=gate.json; unknown keys are errors")
+    if gate:
+        p.add_argument("--gate", default=None, metavar="FILE",
+                       help="the selective method's gate file (kvjudge calibrate-gate), = --method-option selective.gate=FILE")
+
+
+def method_options_of(args: argparse.Namespace) -> dict[str, dict]:
+    """``{method: {key: value}}`` from ``--method-option`` (and ``--gate``); one-line errors for unknown ones."""
+    from kvjudge.judges.catalog import parse_method_options
+
+    options = parse_method_options(getattr(args, "method_option", None) or [])
+    gate = getattr(args, "gate", None)
+    if gate is not None:
+        if not Path(gate).expanduser().is_file():
+            raise UserError(f"--gate: file not found: {gate}")
+        options.setdefault("selective", {})["gate"] = str(Path(gate).expanduser())
+    if options:
+        from kvjudge.judges.methods import make_method
+
+        for name, opts in options.items():
+            make_method(name, **opts)  # bad values or gate files: one line, before any model loads
+    return options
+
+
+def _gate_parsers(sub: argparse._SubParsersAction) -> None:
+    """``calibrate-gate``."""
+    c = sub.add_parser("calibrate-gate", help="fit a selective gate with a guarantee on calibration problems")
+    _add_model(c, default="smollm2-135m")
+    c.add_argument("--candidates", required=True, help="candidates.jsonl of the calibration problems")
+    c.add_argument("--data", default=None, help="read the problems' dataset from this JSONL(.gz)")
+    c.add_argument("--limit", type=int, default=None, help="N problems of the file (dataset sampling order)")
+    c.add_argument("--offset", type=int, default=0, help="skip the first K problems of the file")
+    c.add_argument("--alpha", type=float, default=0.05, help="bound on disagreement with dense among accepted calls")
+    c.add_argument("--delta", type=float, default=0.1, help="the bound holds with probability >= 1 - delta")
+    c.add_argument("--score", choices=["margin", "risk"], default="margin", help="the gate's confidence")
+    c.add_argument("--cheap", default="naive", help="the cheap path: naive, or any reuse method, e.g. partial:16")
+    c.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent", help="default agent")
+    c.add_argument("--judge-debias", default="none", help="slot-prior debiasing of the judge (none, pride, content_free)")
+    c.add_argument("--seeds", default="42", help="shuffle seeds (one call per problem and seed; default 42)")
+    c.add_argument("--fit-share", type=float, default=0.5,
+                   help="score risk: share of the problems that fit the risk model (lambda is set on the rest)")
+    c.add_argument("--out", required=True, help="the gate file to write (gate.json)")
+    c.set_defaults(func=cmd_calibrate_gate)
+
+
+def _bench_gates_parser(bsub: argparse._SubParsersAction) -> None:
+    bg = bsub.add_parser("gates", help="JCR vs cost of selective gates on held-out problems, with baselines")
+    _add_model(bg, default="smollm2-135m")
+    bg.add_argument("--calibration", required=True, help="candidates.jsonl the gates are calibrated on")
+    bg.add_argument("--test", required=True, help="candidates.jsonl of held-out problems (every point is measured here)")
+    bg.add_argument("--data-calibration", default=None, help="dataset JSONL(.gz) for the calibration problems")
+    bg.add_argument("--data-test", default=None, help="dataset JSONL(.gz) for the test problems")
+    bg.add_argument("--limit-calibration", type=int, default=None)
+    bg.add_argument("--limit-test", type=int, default=None)
+    bg.add_argument("--alphas", default="0.02,0.05,0.1", help="risk levels (default 0.02,0.05,0.1)")
+    bg.add_argument("--delta", type=float, default=0.1)
+    bg.add_argument("--cheap", action="append", default=None,
+                    help="a cheap path (repeat; default naive, plus partial:16 when partial is registered)")
+    bg.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent", help="default agent")
+    bg.add_argument("--judge-debias", default="none", help="none, pride or content_free")
+    bg.add_argument("--seeds", default="42", help="shuffle seeds")
+    bg.add_argument("--fit-share", type=float, default=0.5)
+    bg.add_argument("--no-dg-jkr", action="store_true", help="leave DG-JKR out")
+    bg.add_argument("--out", default=None, help="output folder (default runs/bench-gates)")
+    bg.add_argument("--json", action="store_true")
+    bg.set_defaults(func=cmd_bench_gates)
+
+
+def cmd_calibrate_gate(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.calibrate_gate import calibrate_gate
+    from kvjudge.experiments.config import parse_seeds
+
+    positive("limit", args.limit)
+    if args.offset < 0:
+        raise UserError(f"--offset must be >= 0, got {args.offset}")
+    if not Path(args.candidates).expanduser().is_file():
+        raise UserError(f"--candidates: file not found: {args.candidates}")
+    gate = calibrate_gate(Path(args.candidates).expanduser(), args.out, args.model, args.alpha, args.delta, args.score,
+                          args.cheap, args.candidate_kv, args.judge_debias, args.data, args.offset, args.limit,
+                          parse_seeds(args.seeds), args.fit_share, args.device,
+                          progress=lambda d: print(f"calibrating {d}", file=sys.stderr))
+    lam = "inf (nothing passed: every call falls back to dense)" if gate["lambda"] is None else f"{gate['lambda']:.4g}"
+    print(f"lambda {lam}: {gate['accepted']} of {gate['n']} calibration calls accepted, {gate['errors']} disagree; "
+          f"bound {gate['bound']} <= alpha {gate['alpha']} at delta {gate['delta']} -> {args.out}")
+    return 0
+
+
+def cmd_bench_gates(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.bench_gates import bench_gates
+    from kvjudge.experiments.config import parse_seeds
+
+    for flag in ("calibration", "test"):
+        if not Path(getattr(args, flag)).expanduser().is_file():
+            raise UserError(f"--{flag}: file not found: {getattr(args, flag)}")
+    positive("limit-calibration", args.limit_calibration)
+    positive("limit-test", args.limit_test)
+    out = Path(args.out) if args.out else Path("runs") / "bench-gates"
+    result = bench_gates(Path(args.calibration).expanduser(), Path(args.test).expanduser(), out, args.model,
+                         _floats("alphas", args.alphas), args.delta, args.cheap, args.data_calibration, args.data_test,
+                         args.candidate_kv, args.judge_debias, parse_seeds(args.seeds), args.limit_calibration,
+                         args.limit_test, args.fit_share, not args.no_dg_jkr, args.device,
+                         progress=None if args.json else (lambda d: print(f"judging {d}", file=sys.stderr)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print((out / "frontier.md").read_text(encoding="utf-8"))
+        print(f"-> {out / 'bench_gates.json'}, {out / 'frontier.md'}, {out / 'frontier.png'}")
     return 0
 
 

@@ -42,6 +42,7 @@ def bench_judge(
     device: str | None = None,
     progress: bool = True,
     candidate_kv: str = "judge_prefix",
+    method_options: dict | None = None,
     debias: str = "none",
     permutations: int = 1,
 ) -> dict:
@@ -54,10 +55,13 @@ def bench_judge(
     whose order matters (everything timed must run on the same warmed state); splitting it would hide that.
     """
     names = ["dense"] + [m for m in methods if m != "dense"]
+    options = method_options or {}  # {method: {key: value}} (--method-option)
     for name in names:
-        make_method(name)
+        make_method(name, **options.get(name, {}))
     lm = load_model(model, device=device)
     judge = Judge(lm, candidate_kv=candidate_kv, debias=debias, permutations=permutations)
+    for name, opts in options.items():
+        judge.method(name, **opts)
     tok = lm.tokenizer
     texts = [synthetic_text(tok, candidate_tokens, seed=i) for i in range(candidates)]
     if candidate_kv == "agent":
@@ -113,5 +117,6 @@ def bench_judge(
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
         "candidate_kv": candidate_kv,
+        "method_options": options or None,
     }
     return {"config": config, "methods": rows}

@@ -89,6 +89,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         lm = lm or load_model(cfg.model, device=cfg.device)
         judge = Judge(lm, candidate_kv=cfg.candidate_kv, output=cfg.judge_output, max_new_tokens=cfg.judge_max_tokens,
                       debias=cfg.judge_debias, permutations=cfg.judge_permutations)
+    for name, opts in (cfg.method_options or {}).items():  # --method-option
+        judge.method(name, **opts)
     problems, skipped = judgeable(judge, problems, sets)
     calibration = None
     if cfg.calibrate_on:  # priors from the first K problems, which are then left out of judging and scoring
@@ -207,6 +209,7 @@ def run_config(cfg: EvalConfig, lm: LoadedModel, sets: dict[str, CandidateSet], 
         "judge_max_tokens": cfg.judge_max_tokens if cfg.judge_output == "generate" else None,
         "random_gate_arm": cfg.gate_arm if gate else None,
         "compress": cfg.compress,
+        "method_options": cfg.method_options,
         "n_problems": len(task_ids), "n_candidates": sorted({len(sets[t].candidates) for t in task_ids}),
         "candidates": source, "data": cfg.data,
         "random_gate_coverage": {str(s): c for s, c in used.items()} or None,

@@ -213,3 +213,62 @@ def test_gate_refuses_generate_output_and_bad_files(llama, tmp_path):
         with pytest.raises(JudgeInputError) as err:
             make_method("selective", **opts)
         assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- the commands, end to end (tiny-llama)
+def _write_sets(path, first: int, count: int) -> None:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    with open(path, "w") as fh:
+        for i in range(first, first + count):
+            cands = [f"The answer is {i + k}. {words[(i + k) % 6]} " * (1 + k % 2) for k in range(3)]
+            fh.write(json.dumps({"task_id": f"t{i}", "problem": f"What is {i} plus one?", "candidates": cands}) + "\n")
+
+
+def test_calibrate_gate_then_judge_with_it_and_refuse_another_mode(tmp_path, capsys):
+    from kvjudge.app.cli import main
+
+    cands, gate = tmp_path / "cal.jsonl", tmp_path / "gate.json"
+    _write_sets(cands, 0, 12)
+    rc = main(["calibrate-gate", "--model", "tiny-llama", "--candidates", str(cands), "--candidate-kv", "judge_prefix",
+               "--alpha", "0.4", "--delta", "0.5", "--seeds", "1,2,3", "--out", str(gate)])
+    assert rc == 0 and "calibration calls accepted" in capsys.readouterr().out
+    g = json.loads(gate.read_text())
+    assert g["n"] == 36 and g["fitted_for"]["candidate_kv"] == "judge_prefix" and g["fitted_for"]["cheap"] == "naive"
+    assert g["fitted_for"]["model_id"] and g["fitted_for"]["prior"] == "none" and g["fitted_for"]["output"] == "label"
+    if g["lambda"] is not None:  # what it accepted meets its bound
+        assert g["accepted"] >= 30 and G.clopper_pearson_upper(g["errors"], g["accepted"], 0.5) <= 0.4
+    args = ["judge", "--model", "tiny-llama", "--problem", "What is 3 plus one?", "--candidate", "4", "--candidate", "5",
+            "--method", "selective", "--gate", str(gate), "--json"]
+    assert main(args + ["--candidate-kv", "judge_prefix"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["gate"] in ("accepted", "fallback") and verdict["decision"]["cheap"] == "naive"
+    assert main(args + ["--candidate-kv", "isolated"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "fitted for candidate kv 'judge_prefix'" in err
+    assert main(args[:-1] + ["--method-option", "selective.colour=1"]) == 2
+    assert "unknown option 'colour'" in capsys.readouterr().err
+
+
+def test_bench_gates_frontier_on_held_out_problems(tmp_path):
+    from kvjudge.experiments.bench_gates import bench_gates
+
+    cal, test = tmp_path / "cal.jsonl", tmp_path / "test.jsonl"
+    _write_sets(cal, 0, 12)
+    _write_sets(test, 100, 5)
+    res = bench_gates(cal, test, tmp_path / "out", model="tiny-llama", alphas=(0.3, 0.5), delta=0.5,
+                      cheaps=["naive"], candidate_kv="judge_prefix", seeds=(1, 2, 3))
+    pts = {p["name"]: p for p in res["points"]}
+    assert pts["dense"]["jcr"] == 1 and pts["dense"]["latency_x_dense"] == pytest.approx(1.0)
+    assert pts["oracle gate (naive)"]["jcr"] == 1
+    assert pts["oracle gate (naive)"]["coverage"] == pytest.approx(pts["naive"]["jcr"])
+    sel = [p for p in res["points"] if p["kind"] == "selective"]
+    assert len(sel) == 4 and all(p["n"] == 15 for p in sel)
+    for p in sel:  # JCR of a gate = accepted calls that agree + every fallback (independent recount)
+        k = p["accepted"]
+        dis = 0 if not k else round(p["disagreement_accepted"] * k)
+        assert p["jcr"] == pytest.approx((15 - dis) / 15)
+        rnd = pts[f"random gate cov={k / 15:.2f} (naive)"]
+        assert rnd["coverage"] == pytest.approx(round(k / 15 * 15) / 15)
+    assert "dg_jkr" in pts
+    for f in ("bench_gates.json", "frontier.md", "frontier.png"):
+        assert (tmp_path / "out" / f).is_file()
