@@ -1,5 +1,6 @@
-"""The agent actor: a Ray shell around a generator (:class:`~kvjudge.agents.generate.Generator`,
-or :class:`~kvjudge.agents.sim.SimGenerator` for ``sim:...`` model specs).
+"""The agent actor: a Ray shell around a :class:`~kvjudge.agents.base.GeneratorLike` (the real
+:class:`~kvjudge.agents.generate.Generator`, or :class:`~kvjudge.agents.sim.SimGenerator` for
+``sim:...`` model specs).
 
 One actor holds one model copy; an agent's identity (its prompt, sampling settings, results) lives
 in the request, not in the actor. The actor is threaded (``max_concurrency``): concurrent
@@ -11,6 +12,9 @@ The actor knows nothing of the judge: it generates, publishes a turn's own KV on
 (``publish_agent_kv``: under ``segment_key(model_id, prompt_ids, answer_ids)``, the key the judge's
 ``agent`` candidate-KV mode looks up), and encodes given token ids after given context ids into the
 store under a given key.
+
+This module imports no torch or transformers: only :func:`make_generator` loads them, for a real
+model, so a simulated agent actor is ready in well under a second.
 """
 
 from __future__ import annotations
@@ -19,15 +23,12 @@ import os
 import threading
 
 import ray
-import torch
 
+from kvjudge.agents.base import GenRequest, Generation, GeneratorLike
 from kvjudge.agents.batching import BatchQueue
-from kvjudge.agents.generate import GenRequest, Generation, Generator
 from kvjudge.agents.sim import SimGenerator
-from kvjudge.cache.encoder import segment_key
-from kvjudge.cache.compress.registry import compress_segment
+from kvjudge.cache.keys import segment_key
 from kvjudge.cache.store_actor import get_store, put_segment
-from kvjudge.models import load_model
 from kvjudge.models.sim import is_sim_spec, parse_sim_spec
 
 MAX_BATCH = 8
@@ -35,10 +36,17 @@ WINDOW_S = 0.01
 MAX_CONCURRENCY = 64  # threads: queued generate calls plus ready / encode / stats
 
 
-def make_generator(model: str) -> Generator | SimGenerator:
-    """The generator for a model spec: simulated for ``sim:...``, else the real model loaded."""
+def make_generator(model: str, num_threads: int = 1) -> GeneratorLike:
+    """The generator for a model spec: simulated for ``sim:...`` (torch-free), else the real model
+    loaded, with torch on ``num_threads`` CPU threads."""
     if is_sim_spec(model):
         return SimGenerator(parse_sim_spec(model))
+    import torch  # the real-model path only: a simulated agent never loads torch / transformers
+
+    from kvjudge.agents.generate import Generator
+    from kvjudge.models import load_model
+
+    torch.set_num_threads(max(1, num_threads))
     return Generator(load_model(model))
 
 
@@ -46,11 +54,10 @@ class _AgentActorImpl:
     def __init__(self, model: str, store_name: str | None, namespace: str | None, num_threads: int = 1,
                  compress: dict | None = None,
                  max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
-        torch.set_num_threads(max(1, num_threads))
         self.error: str | None = None
         self.store = None
         try:
-            self.gen = make_generator(model)
+            self.gen: GeneratorLike = make_generator(model, num_threads)
         except Exception as exc:  # reported by ready(); the actor stays up to say why
             self.error = " ".join(str(exc).split()) or type(exc).__name__
             return
@@ -113,8 +120,7 @@ class _AgentActorImpl:
 
     def _check_length(self, prompt: str, max_new_tokens: int) -> None:
         """A prompt the model cannot hold fails this request with the reason (never a hang)."""
-        limit = getattr(getattr(getattr(self.gen, "lm", None), "model", None), "config", None)
-        limit = getattr(limit, "max_position_embeddings", None)
+        limit = self.gen.max_positions
         if not limit:
             return
         n = len(self.gen.prompt_ids(prompt))
@@ -131,11 +137,9 @@ class _AgentActorImpl:
     def _put(self, key: str, seg, meta: dict, context_ids: list[int] | None) -> bool:
         """Put ``seg`` into the store, token-compressed first when the store asks for it (``store.compress``):
         the kept tokens keep their own positions, and the store's budget counts only the kept bytes."""
-        if self.compress and hasattr(self.gen, "lm"):
-            context = self.gen.runner.context(context_ids) if context_ids else None
+        if self.compress:
             full = seg.nbytes
-            seg = compress_segment(seg, self.gen.lm.model, self.compress["method"], float(self.compress["ratio"]),
-                                   context=context)
+            seg = self.gen.compress(seg, self.compress["method"], float(self.compress["ratio"]), context_ids)
             meta = {**meta, "uncompressed_bytes": int(full), "compress": self.compress["method"]}
         return put_segment(self.store, key, seg, meta)
 

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-import torch
+from kvjudge.agents.base import GenRequest
 
-from kvjudge.agents.generate import GenRequest, Generator
-from kvjudge.models import LoadedModel
+if TYPE_CHECKING:  # typing only: the agent actor's BatchQueue must not load torch for a simulated model
+    from kvjudge.agents.generate import Generator
+    from kvjudge.models import LoadedModel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,6 +124,10 @@ def bench_generation(model: LoadedModel | Generator, batch_sizes: Sequence[int] 
     Returns ``{"batches": {B: {"seconds", "tokens", "tokens_per_s"}}, "speedup": {B: tok/s(B) / tok/s(first B)},
     "new_tokens", "threads", "device"}``; the best of ``repeats`` runs counts, after one warm-up.
     """
+    import torch
+
+    from kvjudge.agents.generate import Generator
+
     gen = model if isinstance(model, Generator) else Generator(model)
     gen.generate_batch([GenRequest(prompts[0], 4, keep_kv=False)])  # warm-up
     rows: dict[int, dict] = {}

@@ -26,46 +26,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from kvjudge.agents.base import GenRequest, Generation  # torch-free home (the simulated agent shares them)
+from kvjudge.cache.compress.registry import compress_segment
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import KVSegment
 from kvjudge.models import LoadedModel
 from kvjudge.models.chat import agent_prompt_ids
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    """One agent turn to generate: greedy when ``temperature == 0``, else seeded sampling."""
-
-    prompt: str
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    keep_kv: bool = True  # return ``agent_kv`` (costs one decode step per batch, a copy per request)
-
-
-@dataclass
-class Generation:
-    """One agent turn: the answer text and tokens, the prompt ids, timing and the answer's own KV.
-
-    ``seconds`` is the wall time of the batch the request ran in (``batch_size`` requests).
-    """
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    seconds: float
-    agent_kv: KVSegment | None = None
-    prompt_ids: list[int] | None = None
-    batch_size: int = 1
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
 
 class RowSampler(LogitsProcessor):
@@ -103,7 +73,8 @@ class RowBudget(StoppingCriteria):
 
 
 class Generator:
-    """Generates answers with a KV cache (batched) and encodes token ids after a context."""
+    """Generates answers with a KV cache (batched) and encodes token ids after a context
+    (a :class:`~kvjudge.agents.base.GeneratorLike`)."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
@@ -113,6 +84,11 @@ class Generator:
     @property
     def model_id(self) -> str:
         return self.lm.model_id
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length (``max_position_embeddings``; ``None`` when it declares none)."""
+        return getattr(self.lm.model.config, "max_position_embeddings", None) or None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return agent_prompt_ids(self.lm.tokenizer, prompt)
@@ -194,6 +170,13 @@ class Generator:
         """KV ``[L, H, len(ids), D]`` of ``ids`` encoded right after ``context_ids`` (memoised)."""
         with self._encode_lock:
             return self.runner.encode(context_ids, ids)
+
+    def compress(self, segment: KVSegment, method: str, ratio: float, context_ids: list[int] | None) -> KVSegment:
+        """``segment`` token-compressed by press ``method`` to ``ratio``; kept tokens keep their positions
+        (``context_ids``: what it was encoded after, some presses score against it)."""
+        with self._encode_lock:
+            context = self.runner.context(context_ids) if context_ids else None
+        return compress_segment(segment, self.lm.model, method, float(ratio), context=context)
 
 
 def _answer(row: list[int], budget: int, stops: set[int]) -> list[int]:

@@ -1,18 +1,19 @@
-"""The agent side of the simulated model (:mod:`kvjudge.models.sim`): :class:`SimGenerator` has
-:class:`~kvjudge.agents.generate.Generator`'s interface but sleeps instead of computing.
+"""The agent side of the simulated model (:mod:`kvjudge.models.sim`): :class:`SimGenerator` is a
+:class:`~kvjudge.agents.base.GeneratorLike` that sleeps instead of computing. Torch-free: a simulated
+agent actor imports neither torch nor transformers.
 
 A batch sleeps ``spec.batch_seconds(longest answer, batch size)`` in one ``time.sleep`` (no CPU
 meanwhile) and returns deterministic answers and synthetic KV segments ``[L, H, T, D]`` of the
-spec's shape, keys "rotated" for positions ``len(prompt)..`` as a real agent's are.
+spec's shape (:class:`~kvjudge.models.sim.SimSegment`, numpy), keys "rotated" for positions
+``len(prompt)..`` as a real agent's are.
 """
 
 from __future__ import annotations
 
 import time
 
-from kvjudge.agents.generate import Generation, GenRequest
-from kvjudge.cache.segments import KVSegment
-from kvjudge.models.sim import SimSpec, answer_ids, detokenize, synthetic_kv, tokenize
+from kvjudge.agents.base import Generation, GenRequest
+from kvjudge.models.sim import SimSegment, SimSpec, answer_ids, detokenize, synthetic_kv, tokenize
 
 
 class SimGenerator:
@@ -25,12 +26,16 @@ class SimGenerator:
     def model_id(self) -> str:
         return self.spec.model_id
 
+    @property
+    def max_positions(self) -> int | None:
+        """No context limit: the simulated model takes any prompt."""
+        return None
+
     def prompt_ids(self, prompt: str) -> list[int]:
         return tokenize(prompt)
 
-    def segment(self, ids: list[int], start: int) -> KVSegment:
-        keys, values = synthetic_kv(self.spec, ids, start)
-        return KVSegment(keys, values, start, tuple(ids))
+    def segment(self, ids: list[int], start: int) -> SimSegment:
+        return synthetic_kv(self.spec, ids, start)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> Generation:
         return self.generate_batch([GenRequest(prompt, max_new_tokens, temperature, seed)])[0]
@@ -51,7 +56,11 @@ class SimGenerator:
             for r, p, a in zip(requests, prompts, answers)
         ]
 
-    def encode(self, context_ids: list[int], ids: list[int]) -> KVSegment:
+    def encode(self, context_ids: list[int], ids: list[int]) -> SimSegment:
         """Synthetic KV of ``ids`` after ``context_ids`` (sleeps ``prefill_seconds`` of both)."""
         time.sleep(self.spec.prefill_seconds(len(context_ids) + len(ids)))
         return self.segment(list(ids), len(context_ids))
+
+    def compress(self, segment: SimSegment, method: str, ratio: float, context_ids: list[int] | None) -> SimSegment:
+        """The segment itself: the simulated model stores its synthetic KV uncompressed."""
+        return segment

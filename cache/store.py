@@ -14,10 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvjudge.cache.eviction import make_policy
-from kvjudge.cache.segments import KVSegment
+
+if TYPE_CHECKING:  # typing only: the store (and the simulated agents using it) stays torch-free
+    from kvjudge.cache.segments import KVSegment
 
 
 def to_host(segment: KVSegment) -> KVSegment:
@@ -25,10 +27,16 @@ def to_host(segment: KVSegment) -> KVSegment:
 
     Call this before putting a segment into a store that lives in another process: only contiguous
     CPU tensors travel through Ray's object store (zero-copy with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``).
+    A segment of host arrays without torch's ``is_contiguous`` (the simulated model's numpy KV) is
+    returned as it is.
     """
     k, v = segment.keys, segment.values
+    if not hasattr(k, "is_contiguous"):
+        return segment
     if k.device.type == "cpu" and v.device.type == "cpu" and k.is_contiguous() and v.is_contiguous():
         return segment
+    from kvjudge.cache.segments import KVSegment  # a torch segment is here, so torch is loaded already
+
     return KVSegment(k.cpu().contiguous(), v.cpu().contiguous(), segment.start, segment.token_ids)
 
 

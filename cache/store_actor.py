@@ -49,12 +49,14 @@ The byte budget counts each segment's ``SegmentRef.nbytes``, wherever its bytes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store import KVStore, call, to_host
+
+if TYPE_CHECKING:  # typing only: simulated agents put and get segments without torch
+    from kvjudge.cache.segments import KVSegment
 
 DEFAULT_STORE_NAME = "kvjudge-store"
 

@@ -1,22 +1,24 @@
-"""What every judge method shares: the case to judge, what a method returns, the verdict.
+"""What every judge shares: the case to judge, what a method returns, the verdict, and the interface
+of a judge (:class:`JudgeLike`).
 
 A method is a dataclass (its config and state) in :mod:`kvjudge.judges.methods` whose
-``__call__(engine, case)`` returns an :class:`Outcome`; :class:`kvjudge.judges.judge.Judge` times
-it and turns it into a :class:`Verdict`. The engine is :class:`kvjudge.judges.engine.JudgeEngine`.
+``__call__(engine, case)`` returns an :class:`Outcome` (the method type, ``JudgeMethod``, lives beside
+that registry); :class:`kvjudge.judges.judge.Judge` times it and turns it into a :class:`Verdict`.
+:class:`JudgeLike` is what the judge actor calls, met by the real ``Judge`` and the simulated
+:class:`kvjudge.judges.sim.SimJudge` (a test checks both). Torch-free.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS
+from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, Candidate
 from kvjudge.judges.prompt import JudgePrompt
 
 if TYPE_CHECKING:  # typing only: this module stays importable without torch
     import torch
-
-    from kvjudge.judges.engine import JudgeEngine
 
 Gate = Literal["accepted", "fallback"]
 
@@ -112,7 +114,37 @@ class Verdict:
         return asdict(self)
 
 
-class JudgeMethod(Protocol):
-    name: str
+CandidateLike = str | Candidate | dict  # a text, a Candidate, or a Candidate as a dict (files, Ray)
+Fetch = Callable[[str], Any]  # a store lookup: key -> segment, or None (a miss)
 
-    def __call__(self, engine: "JudgeEngine", case: JudgeCase) -> Outcome: ...
+
+@runtime_checkable
+class JudgeLike(Protocol):
+    """What the judge actor (and a pipeline) calls on a judge, real or simulated.
+
+    Both take ``fetch`` (a :data:`Fetch`, e.g. the shared store's lookup) as a constructor argument:
+    candidate segments are looked up there before being encoded; ``fetched`` counts the hits so far.
+    ``device`` says where the judge computes (``"cpu"``, ``"cuda:0"``; ``"sim"`` for the simulation).
+    ``check_candidates`` says why ``n`` candidates cannot be judged (``None``: they can).
+    ``candidate_kv_request`` returns ``{"context_ids", "ids", "key", "mode"}``: the KV of ``answer``
+    this judge looks up in candidate-KV ``mode``.
+    """
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def fetched(self) -> int: ...
+
+    def check_candidates(self, problem: str, n: int) -> str | None: ...
+
+    def candidate_kv_request(self, problem: str, answer: CandidateLike, mode: str | None = None) -> dict: ...
+
+    def prefetch(self, problem: str, candidates: Sequence[CandidateLike], candidate_kv: str | None = None) -> None: ...
+
+    def judge(self, problem: str, candidates: Sequence[CandidateLike], method: str | None = None,
+              sources: Sequence[str] | None = None, candidate_kv: str | None = None, output: str | None = None,
+              max_new_tokens: int | None = None) -> Verdict: ...

@@ -10,15 +10,13 @@ import torch
 from kvjudge.models import LoadedModel
 from kvjudge.models.chat import agent_prompt_ids
 from kvjudge.cache.encoder import KVRunner, segment_key
-from kvjudge.judges.base import JudgeCase, JudgeMethod, Verdict
+from kvjudge.judges.base import CandidateLike, Fetch, JudgeCase, Verdict
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, Candidate, answer_ids, as_candidates, check_mode
 from kvjudge.judges.debias import (PriorError, PriorKey, PriorTable, check_debias, load_table, needed_methods,
                                    priors_for, rotation, template_hash)
 from kvjudge.judges.engine import JudgeEngine
-from kvjudge.judges.methods import make_method
+from kvjudge.judges.methods import JudgeMethod, make_method
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
-
-CandidateLike = str | Candidate | dict  # a text, a Candidate, or a Candidate as a dict (files, Ray)
 
 
 class Judge:
@@ -47,6 +45,7 @@ class Judge:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         debias: str = "none",
         permutations: int = 1,
+        fetch: Fetch | None = None,
     ) -> None:
         check_mode(candidate_kv, output, max_new_tokens)
         check_debias(debias, output, permutations)
@@ -55,12 +54,35 @@ class Judge:
         self._templates: dict[str, str] = {}
         self.lm = lm
         self.runner = KVRunner(lm.model, lm.model_id)
+        self.runner.fetch = fetch  # e.g. the shared store's lookup: segments found there are not encoded
         max_pos = getattr(lm.model.config, "max_position_embeddings", None)
         self.engine = JudgeEngine(self.runner, max_pos, lm.tokenizer)
         self._methods: dict[str, JudgeMethod] = {}
         self.default = method
         self.candidate_kv, self.output, self.max_new_tokens = candidate_kv, output, int(max_new_tokens)
         self.method(method, **(method_options or {}))
+
+    @property
+    def model_id(self) -> str:
+        return self.lm.model_id
+
+    @property
+    def device(self) -> str:
+        return str(self.lm.device)
+
+    @property
+    def fetched(self) -> int:
+        """Candidate segments found through ``fetch`` so far."""
+        return self.runner.fetched
+
+    def check_candidates(self, problem: str, n: int) -> str | None:
+        """Why this judge cannot take ``n`` candidates (e.g. more than its single-token labels), or ``None``."""
+        try:
+            # the label limit does not depend on where candidate KV comes from: probe in the plainest mode
+            self.case(problem, [f"candidate {i + 1}" for i in range(n)], candidate_kv="judge_prefix")
+        except JudgeInputError as exc:
+            return str(exc)
+        return None
 
     def method(self, name: str, **options) -> JudgeMethod:
         """The (stateful) instance of method ``name``, created on first use."""
@@ -102,6 +124,7 @@ class Judge:
         if mode == "agent":
             contexts = tuple(self._agent_context(c, i) for i, c in enumerate(cands, start=1))
             ids = [c.token_ids or answer_ids(tok, c.text) for c in cands]
+            self._check_agent_kv(cands, contexts, ids)
         prompt = build_prompt(tok, problem, texts, candidate_ids=ids, output=output)
         if mode == "isolated":
             contexts = tuple(() for _ in cands)
@@ -146,6 +169,28 @@ class Judge:
             f"candidate {number} has no agent_prompt: candidate-KV mode 'agent' needs the prompt its agent "
             "answered (token ids or text)"
         )
+
+    def _check_agent_kv(self, cands: Sequence[Candidate], contexts: Sequence[Sequence[int]],
+                        ids: Sequence[Sequence[int]]) -> None:
+        """One-line :class:`JudgeInputError` before any forward when a candidate's given ids are not
+        this model's (outside its vocabulary, or not decoding to the candidate's text: the judge would
+        read other tokens than the grader graded), or its agent prompt plus answer exceed the context."""
+        emb = getattr(self.lm.model, "get_input_embeddings", lambda: None)()
+        vocab = getattr(emb, "num_embeddings", None) or getattr(self.lm.model.config, "vocab_size", None)
+        limit = self.engine.max_positions
+        for i, (c, ctx, seq) in enumerate(zip(cands, contexts, ids), start=1):
+            for name, given in (("token_ids", c.token_ids), ("prompt_ids", c.prompt_ids)):
+                bad = [t for t in given or () if t < 0 or (vocab and t >= vocab)]
+                if bad:
+                    raise JudgeInputError(f"candidate {i}: {name} holds id {bad[0]}, outside the model's vocabulary "
+                                          f"0..{(vocab or 0) - 1}")
+            if c.token_ids and self.lm.tokenizer.decode(list(c.token_ids), skip_special_tokens=True).strip() \
+                    != c.text.strip():  # the agents' own rule: text = decode(ids, skip special).strip()
+                raise JudgeInputError(f"candidate {i}: token_ids do not decode to its text (ids from another "
+                                      "model or tokenizer, or an edited text)")
+            if limit and len(ctx) + len(seq) > limit:
+                raise JudgeInputError(f"candidate {i}: its agent prompt ({len(ctx)} tokens) and answer ({len(seq)} "
+                                      f"tokens) take {len(ctx) + len(seq)} positions, more than the model's {limit}")
 
     def candidate_kv_request(self, problem: str, answer: CandidateLike, mode: str | None = None) -> dict:
         """``{"context_ids", "ids", "key", "mode"}``: the KV of ``answer`` this judge looks up for

@@ -1,11 +1,11 @@
 """The judge of the simulated model (:mod:`kvjudge.models.sim`): a deterministic winner, no model.
 
-:class:`SimJudge` has :class:`~kvjudge.judges.judge.Judge`'s calling interface (``judge``,
-``candidate_kv_request``, ``prefetch``, ``model_id``, a ``runner`` with ``fetch`` / ``fetched``) so
-the judge actor can host either. A call sleeps ``spec.judge_s`` seconds (no CPU), looks every
-candidate's KV up through ``runner.fetch`` when one is set (so a pipeline moves the same segments
-through the store as with a real judge), and picks ``winner = 1 + sha256(problem, candidate
-texts) mod N``, the same for every method.
+:class:`SimJudge` is a :class:`~kvjudge.judges.base.JudgeLike` (as the real
+:class:`~kvjudge.judges.judge.Judge`), so the judge actor hosts either. A call sleeps ``spec.judge_s``
+seconds (no CPU), looks every candidate's KV up through ``fetch`` when one is given (so a pipeline
+moves the same segments through the store as with a real judge), and picks ``winner = 1 +
+sha256(problem, candidate texts) mod N``, the same for every method. Torch-free: method names and
+options are checked against :mod:`kvjudge.judges.catalog`, not by building the (torch) methods.
 
 Token ids follow the simulated tokenizer (UTF-8 bytes); the ``judge_prefix`` context of a problem
 is the bytes of ``"Problem:\\n" + problem + "\\n\\nCandidate #1:\\n"``.
@@ -15,23 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from kvjudge.cache.encoder import segment_key
-from kvjudge.judges.base import Verdict
+from kvjudge.cache.keys import segment_key
+from kvjudge.judges.base import CandidateLike, Fetch, Verdict
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, Candidate, as_candidates, check_mode
-from kvjudge.judges.methods import make_method
+from kvjudge.judges.catalog import METHOD_OPTIONS
+from kvjudge.judges.debias import check_debias
 from kvjudge.judges.prompt import JudgeInputError, clean_candidate, header
 from kvjudge.models.sim import SimSpec, parse_sim_spec, tokenize
 
 
-@dataclass
-class SimRunner:
-    """What the judge actor touches on a runner: an optional store lookup and its hit count."""
-
-    fetch: Callable[[str], object | None] | None = None
-    fetched: int = 0
+def check_method(name: str, options: dict | None = None) -> None:
+    """One-line :class:`JudgeInputError` for a method name or option names the registry does not know
+    (as :func:`kvjudge.judges.methods.make_method` says it, without building the method)."""
+    if name not in METHOD_OPTIONS:
+        raise JudgeInputError(f"unknown judge method {name!r}; known methods: {', '.join(METHOD_OPTIONS)}")
+    unknown = sorted(set(options or {}) - set(METHOD_OPTIONS[name]))
+    if unknown:
+        raise JudgeInputError(f"bad options for judge method {name!r}: unknown option(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(METHOD_OPTIONS[name]) or 'none'})")
 
 
 class SimJudge:
@@ -39,18 +42,34 @@ class SimJudge:
 
     def __init__(self, spec: str | SimSpec, method: str = "dense", method_options: dict | None = None,
                  candidate_kv: str = "judge_prefix", output: str = "label",
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, fetch: Fetch | None = None, debias: str = "none",
+                 permutations: int = 1) -> None:
         check_mode(candidate_kv, output, max_new_tokens)
+        check_debias(debias, output, permutations)  # accepted and ignored: the simulated winner has no position bias
         self.spec = parse_sim_spec(spec) if isinstance(spec, str) else spec
-        make_method(method, **(method_options or {}))  # unknown names / options: one-line error
+        check_method(method, method_options)
         self.default = method
         self.candidate_kv, self.output, self.max_new_tokens = candidate_kv, output, int(max_new_tokens)
-        self.runner = SimRunner()
+        self.fetch = fetch
+        self._fetched = 0
         self.calls = 0
 
     @property
     def model_id(self) -> str:
         return self.spec.model_id
+
+    @property
+    def device(self) -> str:
+        return "sim"
+
+    @property
+    def fetched(self) -> int:
+        """Candidate segments found through ``fetch`` so far."""
+        return self._fetched
+
+    def check_candidates(self, problem: str, n: int) -> str | None:
+        """Always ``None``: the simulated judge takes any number of candidates."""
+        return None
 
     def _slot_ids(self, problem: str, cand: Candidate, mode: str, number: int) -> tuple[list[int], list[int]]:
         """``(context_ids, ids)`` the KV of ``cand`` is encoded from in candidate-KV ``mode``."""
@@ -68,7 +87,7 @@ class SimJudge:
             return [], ids
         return tokenize(f"Problem:\n{problem.strip()}\n\n{header(1)}"), ids
 
-    def candidate_kv_request(self, problem: str, answer: "str | Candidate | dict", mode: str | None = None) -> dict:
+    def candidate_kv_request(self, problem: str, answer: CandidateLike, mode: str | None = None) -> dict:
         """``{"context_ids", "ids", "key", "mode"}`` as :meth:`Judge.candidate_kv_request` returns."""
         mode = mode or self.candidate_kv
         check_mode(mode, self.output, self.max_new_tokens)
@@ -76,7 +95,7 @@ class SimJudge:
         context, ids = self._slot_ids(problem, as_candidates([answer])[0], mode, 1)
         return {"context_ids": context, "ids": ids, "key": segment_key(self.model_id, context, ids), "mode": mode}
 
-    def prefetch(self, problem: str, candidates: Sequence, candidate_kv: str | None = None) -> None:
+    def prefetch(self, problem: str, candidates: Sequence[CandidateLike], candidate_kv: str | None = None) -> None:
         """Nothing to encode ahead of time in a simulation."""
 
     def _check(self, problem: str, candidates: Sequence) -> None:
@@ -85,12 +104,12 @@ class SimJudge:
         if isinstance(candidates, str) or not candidates:
             raise JudgeInputError("no candidates to judge: give a list of at least one")
 
-    def judge(self, problem: str, candidates: Sequence, method: str | None = None,
+    def judge(self, problem: str, candidates: Sequence[CandidateLike], method: str | None = None,
               sources: Sequence[str] | None = None, candidate_kv: str | None = None, output: str | None = None,
               max_new_tokens: int | None = None) -> Verdict:
         """Sleep ``judge_s``, fetch each candidate's KV (when a fetch is set), return the hashed winner."""
         name = method or self.default
-        make_method(name)
+        check_method(name)
         mode, out = candidate_kv or self.candidate_kv, output or self.output
         max_new = int(max_new_tokens or self.max_new_tokens)
         check_mode(mode, out, max_new)
@@ -100,10 +119,10 @@ class SimJudge:
             raise JudgeInputError(f"{len(sources)} sources for {len(cands)} candidates")
         slots = [self._slot_ids(problem, c, mode, i) for i, c in enumerate(cands, start=1)]
         t0 = time.perf_counter()
-        if self.runner.fetch is not None and name != "dense":  # dense reuses nothing
+        if self.fetch is not None and name != "dense":  # dense reuses nothing
             for context, ids in slots:
-                if self.runner.fetch(segment_key(self.model_id, context, ids)) is not None:
-                    self.runner.fetched += 1
+                if self.fetch(segment_key(self.model_id, context, ids)) is not None:
+                    self._fetched += 1
         time.sleep(self.spec.judge_s)
         digest = hashlib.sha256(problem.encode())
         for c in cands:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # typing only: ModelLoadError (raised by the simulated model) needs no torch
+    import torch
 
 
 class ModelLoadError(ValueError):
@@ -29,11 +31,15 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

@@ -19,16 +19,17 @@ options; ``tokens_per_s`` is required::
 
 Tokens are UTF-8 bytes (ids 0..255), so ``encode(decode(ids)) == ids`` for every answer. An answer
 is lowercase words drawn from SHA-256 of (prompt ids, seed): the same prompt and seed always give
-the same text. No torch model, no weights; ground floor (no ``cache`` import: callers wrap the raw
-tensors into segments).
+the same text. No torch model, no weights, no torch: KV is numpy (:class:`SimSegment`, with a
+:class:`~kvjudge.cache.segments.KVSegment`'s fields), so simulated agents and judges start in a
+fraction of a second. Ground floor (no ``cache`` import).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-import torch
+import numpy as np
 
 from kvjudge.models.base import ModelLoadError
 
@@ -131,12 +132,31 @@ def answer_ids(prompt_ids: list[int], seed: int, n: int) -> list[int]:
     return tokenize("".join(out))
 
 
-def synthetic_kv(spec: SimSpec, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cheap keys / values ``[L, H, T, D]`` (fp32, contiguous) for ``ids`` at positions ``start..``:
-    keys depend on token and position, values on the token only."""
+@dataclass
+class SimSegment:
+    """Synthetic keys / values ``[L, H, T, D]`` (numpy fp32, contiguous) of ``token_ids`` at positions
+    ``start..start+T-1``: what the store and the simulated judge need of a segment, without torch."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    start: int
+    token_ids: tuple[int, ...] = field(default=())
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+
+def synthetic_kv(spec: SimSpec, ids: list[int], start: int) -> SimSegment:
+    """Cheap KV of ``ids`` at positions ``start..``: keys depend on token and position, values on the
+    token only (``[L, H, T, D]`` each)."""
     L, H, D, T = spec.kv_layers, spec.kv_heads, spec.head_dim, len(ids)
-    tok = torch.tensor([float(t) for t in ids], dtype=torch.float32).div_(256.0).view(1, 1, T, 1)
-    pos = torch.arange(start, start + T, dtype=torch.float32).div_(1024.0).view(1, 1, T, 1)
-    values = tok.expand(L, H, T, D).contiguous()
-    keys = (tok + pos).expand(L, H, T, D).contiguous()
-    return keys, values
+    tok = (np.asarray(ids, dtype=np.float32) / np.float32(256.0)).reshape(1, 1, T, 1)
+    pos = (np.arange(start, start + T, dtype=np.float32) / np.float32(1024.0)).reshape(1, 1, T, 1)
+    values = np.ascontiguousarray(np.broadcast_to(tok, (L, H, T, D)))
+    keys = np.ascontiguousarray(np.broadcast_to(tok + pos, (L, H, T, D)))
+    return SimSegment(keys, values, int(start), tuple(int(t) for t in ids))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import pytest
 import ray
 import torch
 
+from kvjudge.agents.actor import AgentActor
 from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segment, kill_store, put_segment
 from kvjudge.experiments.bench_run import bench_run, lower_bound, synthetic_problems
+from kvjudge.judges.actor import JudgeActor
 from kvjudge.topologies import load_topology_text
-from kvjudge.topologies.runner import run
+from kvjudge.topologies.runner import Orchestrator, Replicas, run
 
 # one request alone sleeps 8 / 80 = 0.1 s; batching buys nothing (batch_speedup 1), so only replicas add capacity
 SIM = "sim:tokens_per_s=80,answer_tokens=8"
@@ -74,9 +77,11 @@ def _ids(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sim_ray():
-    os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
-    # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine
-    ray.init(address="local", num_cpus=8, namespace="kvjudge", include_dashboard=False, log_to_driver=False)
+    # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine. Zero-copy torch
+    # serialization off, as `kvjudge run` sets it for simulated models (Ray imports torch in every
+    # worker when it is on, see topologies/cluster.py)
+    ray.init(address="local", num_cpus=8, namespace="kvjudge", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "0"}})
     yield
     ray.shutdown()
 
@@ -93,6 +98,7 @@ def test_replicas_and_problems_in_flight_speed_a_chain_up(sim_ray, tmp_path):
         ids = _ids(tmp_path / label / "results.jsonl")
         assert sorted(ids) == sorted(p["id"] for p in problems) and len(set(ids)) == N  # each exactly once
     assert out["replicas"] == {SIM: 4} and out["concurrency"] == 8 and out["done"] == N
+    assert out["startup_s"] > 0.0  # reported apart: the makespan starts with the first problem
     # independent floor for the serial run: 16 problems x 4 requests x 0.1 s, one at a time
     assert serial >= N * 4 * 0.1
     assert serial >= 3.0 * out["makespan_s"], (serial, out["makespan_s"])
@@ -191,3 +197,67 @@ def test_store_keeps_refs_not_bytes_and_outlives_the_producer(sim_ray):
         assert torch.equal(seg.values.flatten(), -torch.arange(n, dtype=torch.float32))
     finally:
         kill_store("scale-store", namespace="kvjudge")
+
+
+def test_sim_actors_import_no_torch_in_their_workers(sim_ray):
+    """A simulated agent and judge, as Ray actors, load neither torch nor transformers."""
+    agent = AgentActor.options(num_cpus=0).remote(SIM, None, None)
+    judge = JudgeActor.options(num_cpus=0).remote(SIM, "naive", {}, None, None)
+    # a lambda travels by value (a function of this module would make the actor import it, and torch)
+    heavy = lambda actor: sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})  # noqa: E731
+    try:
+        infos = ray.get([agent.ready.remote(), judge.ready.remote()], timeout=120)
+        assert "error" not in infos[0] and infos[1]["device"] == "sim" and infos[1]["gpus"] == 0
+        out = ray.get(agent.generate.remote({"agent": "a1", "prompt": "Solve: 1+1"}), timeout=60)
+        assert out["tokens"] == 8
+        assert ray.get(agent.__ray_call__.remote(heavy)) == []
+        assert ray.get(judge.__ray_call__.remote(heavy)) == []
+    finally:
+        for actor in (agent, judge):
+            ray.kill(actor, no_restart=True)
+
+
+@ray.remote(num_cpus=0)
+class _SlowStart:
+    """An actor whose ``ready()`` answers once the file ``gate`` exists (at once without one), or says
+    it failed to load."""
+
+    def __init__(self, name: str, gate: str | None = None, error: str | None = None) -> None:
+        self.name, self.gate, self.error = name, gate, error
+
+    def ready(self) -> dict:
+        while self.gate and not os.path.exists(self.gate):
+            time.sleep(0.05)
+        return {"error": self.error, "node": "n"} if self.error else {"node": "n", "node_id": self.name}
+
+
+def test_replicas_take_work_as_soon_as_they_are_ready(sim_ray, tmp_path):
+    """The run starts once the judge and one replica per model are up; a slow replica joins its pool
+    when it is ready, and one that fails to start is left out while the others serve."""
+    gate = tmp_path / "go"
+    orch = Orchestrator(load_topology_text(CHAIN))
+    actors = [_SlowStart.remote("r0"), _SlowStart.remote("r1", str(gate)), _SlowStart.remote("r2", error="no weights")]
+    orch.judge = _SlowStart.remote("judge")
+    orch.pools = {SIM: Replicas(actors, ready=[False] * 3)}
+    pool = orch.pools[SIM]
+    assert [v["state"] for v in pool.view()] == ["starting"] * 3
+    assert orch._await_ready() == {"node": "n", "node_id": "judge"}  # r1 is still held back by its gate
+    assert pool.ready[0] and not pool.ready[1] and pool.view()[1]["state"] == "starting"
+    assert {pool.pick() for _ in range(3)} == {0}  # only the ready replica gets work
+    for _ in range(3):
+        pool.release(0)
+    gate.touch()
+    deadline = time.monotonic() + 60
+    while (not pool.ready[1] or pool.view()[2]["state"] != "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.ready == [True, True, False] and pool.node_ids[1] == "r1"
+    assert pool.view()[2]["state"] == "failed" and pool.view()[2]["error"] == "no weights"
+    assert sorted(pool.pick() for _ in range(4)) == [0, 0, 1, 1]  # least-loaded over the ready two
+
+
+def test_a_first_replica_that_fails_is_one_run_error(sim_ray):
+    orch = Orchestrator(load_topology_text(CHAIN))
+    orch.judge = _SlowStart.remote("judge")
+    orch.pools = {SIM: Replicas([_SlowStart.remote("r0", error="cannot load")], ready=[False])}
+    with pytest.raises(ValueError, match="agent model .* replica 1 failed to load on node n: cannot load"):
+        orch._await_ready()

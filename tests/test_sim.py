@@ -1,17 +1,25 @@
 """The simulated model: spec parsing, deterministic answers, sleep-bound batch timing, KV shapes,
-the sim judge, and the agent actor picking the sim generator."""
+the sim judge, the agent actor picking the sim generator, the judge and generator interfaces both
+implementations meet, and a sim actor's modules loading no torch."""
 
+import inspect
+import subprocess
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from kvjudge.agents.actor import _AgentActorImpl, make_generator
-from kvjudge.agents.generate import GenRequest
+from kvjudge.agents.base import GeneratorLike, GenRequest
+from kvjudge.agents.generate import Generator
 from kvjudge.agents.sim import SimGenerator
 from kvjudge.cache.encoder import segment_key
 from kvjudge.cache.store import KVStore
+from kvjudge.judges.base import JudgeLike
+from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.judges.sim import SimJudge
 from kvjudge.models import ModelLoadError
@@ -64,10 +72,11 @@ def test_kv_has_the_declared_shape_and_positions():
     assert out.agent_kv.start == len(out.prompt_ids) == len(tokenize("Hello there"))
     assert out.agent_kv.token_ids == tuple(out.token_ids)
     seg = gen.encode([1, 2, 3], [4, 5])
-    assert seg.keys.shape == (3, 2, 2, 4) and seg.start == 3 and seg.keys.is_contiguous()
+    assert seg.keys.shape == (3, 2, 2, 4) and seg.start == 3 and seg.keys.flags.c_contiguous
+    assert seg.nbytes == 2 * 3 * 2 * 2 * 4 * 4  # keys and values, fp32
     # keys depend on the position, values only on the token
     later = gen.encode([1, 2, 3, 9], [4, 5])
-    assert torch.equal(seg.values, later.values) and not torch.equal(seg.keys, later.keys)
+    assert np.array_equal(seg.values, later.values) and not np.array_equal(seg.keys, later.keys)
 
 
 def _timed(gen, n):
@@ -114,13 +123,12 @@ def test_sim_judge_finds_what_the_sim_agent_published():
     actor = _AgentActorImpl("sim:tokens_per_s=1e6,answer_tokens=8", None, None)
     actor.store = KVStore(1 << 20)
     res = actor.generate({"agent": "a1", "prompt": "Solve it.", "publish_agent_kv": True})
-    judge = SimJudge("sim:tokens_per_s=1e6", candidate_kv="agent")
+    judge = SimJudge("sim:tokens_per_s=1e6", candidate_kv="agent", fetch=actor.store.get)
     cand = {"text": res["text"], "token_ids": res["token_ids"], "prompt_ids": res["prompt_ids"]}
     assert judge.candidate_kv_request("Solve it.", cand)["key"] == res["store_key"]
     assert res["store_key"] == segment_key(actor.gen.model_id, res["prompt_ids"], res["token_ids"])
-    judge.runner.fetch = actor.store.get
     judge.judge("Solve it.", [cand, cand], method="naive")
-    assert judge.runner.fetched == 2
+    assert judge.fetched == 2
 
 
 def test_actor_picks_the_sim_generator_and_batches():
@@ -137,3 +145,110 @@ def test_actor_picks_the_sim_generator_and_batches():
         t.join(timeout=10)
     assert sorted(r["batch_size"] for r in out) == [4, 4, 4, 4]
     assert actor.stats()["batches"] == 1
+
+
+def test_segment_key_is_the_hash_of_int64_token_bytes():
+    """The torch-free key equals the hash computed from torch's own int64 bytes (an independent path)."""
+    import hashlib
+
+    ctx, ids = [1, 2, 300, 70000], [5, 2**40, 0]
+    h = hashlib.sha256(b"some-model")
+    for part in (ctx, ids):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+    assert segment_key("some-model", ctx, ids) == h.hexdigest()[:32]
+    assert segment_key("some-model", tuple(ctx), ids) == segment_key("some-model", ctx, ids)
+    assert segment_key("some-model", [], ctx + ids) != segment_key("some-model", ctx, ids)
+
+
+def _signature_fits(protocol: type, impl: object, name: str) -> None:
+    """``impl.name`` takes every parameter ``protocol.name`` declares, under the same name and default
+    (an implementation may add optional parameters of its own)."""
+    want = inspect.signature(getattr(protocol, name)).parameters
+    have = inspect.signature(getattr(impl, name)).parameters
+    for p in list(want.values())[1:]:  # past self
+        assert p.name in have, f"{type(impl).__name__}.{name} lacks {p.name!r}"
+        assert have[p.name].default == p.default, f"{type(impl).__name__}.{name}({p.name}) default differs"
+    extra = [q for q in have.values() if q.name not in want and q.kind is not q.VAR_KEYWORD]
+    assert all(q.default is not q.empty for q in extra), f"{type(impl).__name__}.{name} needs more arguments"
+
+
+def _members(protocol: type) -> tuple[list[str], list[str]]:
+    """(methods, properties) a protocol declares."""
+    names = [n for n in vars(protocol) if not n.startswith("_")]
+    props = [n for n in names if isinstance(vars(protocol)[n], property)]
+    return [n for n in names if n not in props], props
+
+
+def test_real_and_simulated_judges_meet_one_interface(llama):
+    """Judge and SimJudge both take ``fetch`` in the constructor and meet JudgeLike: same method
+    parameters, and the properties answer (no probing of ``lm`` / ``case`` / ``runner`` needed)."""
+    real = Judge(llama, fetch=lambda key: None)
+    sim = SimJudge("sim:tokens_per_s=1e6", fetch=lambda key: None)
+    methods, props = _members(JudgeLike)
+    assert set(methods) >= {"judge", "candidate_kv_request", "prefetch", "check_candidates"}
+    assert set(props) == {"model_id", "device", "fetched"}
+    for judge in (real, sim):
+        assert isinstance(judge, JudgeLike)
+        for name in methods:
+            _signature_fits(JudgeLike, judge, name)
+        assert isinstance(judge.model_id, str) and isinstance(judge.device, str) and judge.fetched == 0
+    assert real.device == "cpu" and sim.device == "sim" and real.model_id == llama.model_id
+    assert "too many candidates" in real.check_candidates("p", 10) and real.check_candidates("p", 2) is None
+    assert sim.check_candidates("p", 10) is None
+    # the constructor's fetch is the one used: a hit is counted, in both
+    sim_hit = SimJudge("sim:tokens_per_s=1e6", fetch=lambda key: object())
+    sim_hit.judge("p", ["a", "b"], method="naive")
+    assert sim_hit.fetched == 2
+    req = real.candidate_kv_request("p", "an answer")
+    seg = Judge(llama).runner.encode(req["context_ids"], req["ids"])
+    real_hit = Judge(llama, method="naive", fetch=lambda key: seg if key == req["key"] else None)
+    real_hit.judge("p", ["an answer"])
+    assert real_hit.fetched == 1
+
+
+def test_real_and_simulated_generators_meet_one_interface(llama):
+    methods, props = _members(GeneratorLike)
+    assert set(props) == {"model_id", "max_positions"} and "compress" in methods
+    real, sim = Generator(llama), SimGenerator(parse_sim_spec("sim:tokens_per_s=1e6"))
+    for gen in (real, sim):
+        assert isinstance(gen, GeneratorLike)
+        for name in methods:
+            _signature_fits(GeneratorLike, gen, name)
+    assert real.max_positions == llama.model.config.max_position_embeddings and sim.max_positions is None
+    seg = sim.encode([1, 2], [3, 4])
+    assert sim.compress(seg, "knorm", 0.5, [1, 2]) is seg  # the simulation stores KV uncompressed
+
+
+def test_sim_judge_refuses_unknown_methods_and_options_in_one_line():
+    for kwargs, words in [({"method": "nope"}, "unknown judge method 'nope'"),
+                          ({"method": "kvcomm", "method_options": {"colour": 1}}, "colour")]:
+        with pytest.raises(JudgeInputError) as err:
+            SimJudge("sim:tokens_per_s=5", **kwargs)
+        assert words in str(err.value) and "\n" not in str(err.value)
+    SimJudge("sim:tokens_per_s=5", method="kvcomm", method_options={"gamma": 0.5})  # a known option
+
+
+SIM_ACTORS = """
+import sys
+from kvjudge.agents.actor import _AgentActorImpl
+from kvjudge.judges.actor import _JudgeActorImpl
+from kvjudge.cache.store import KVStore
+from kvjudge.cache.store_actor import put_segment
+agent = _AgentActorImpl("sim:tokens_per_s=1e6,answer_tokens=8", None, None)
+agent.store = KVStore(1 << 20)
+res = agent.generate({"agent": "a1", "prompt": "Solve it.", "publish_agent_kv": True})
+assert res["store_key"] and agent.error is None
+judge = _JudgeActorImpl("sim:tokens_per_s=1e6", "dg_jkr", {}, None, None)
+assert judge.error is None and judge.judge.judge("p", ["a", "b"]).winner in (1, 2)
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})
+print("HEAVY", heavy)
+"""
+
+
+def test_sim_actors_import_no_torch_or_transformers():
+    """Building and using a simulated agent and judge (the actor classes, the store) in a fresh
+    interpreter loads neither torch nor transformers."""
+    proc = subprocess.run([sys.executable, "-c", SIM_ACTORS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]

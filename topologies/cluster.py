@@ -46,12 +46,16 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r} ({hostport}): {reason}") from None
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Ray up: ``address`` (probed first), or an embedded local Ray; whether this call started it."""
+def connect(address: str | None, num_cpus: int | None = None, torch_tensors: bool = True) -> bool:
+    """Ray up: ``address`` (probed first), or an embedded local Ray; whether this call started it.
+
+    ``torch_tensors=False`` (a run of simulated models only) keeps zero-copy torch serialization off in
+    the job's workers: with it on, Ray internals import torch in every worker as it connects
+    (``ray._private.serialization``), seconds per actor that a torch-free actor does not need."""
     if ray.is_initialized():
         return False
     # KV segments are never written in place after they are made: let Ray pass them zero-copy
-    env = {ZERO_COPY: os.environ.setdefault(ZERO_COPY, "1")}
+    env = {ZERO_COPY: os.environ.setdefault(ZERO_COPY, "1") if torch_tensors else "0"}
     warnings.filterwarnings("ignore", message=".*(Zero-copy tensor|NumPy array is not writable).*")
     common = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env})
     if address:

@@ -4,7 +4,8 @@
 while actors work), so a chain pipelines: while ``a2`` refines problem 1, ``a1`` drafts problem 2.
 What a problem's agents are asked, and when, is :class:`~kvjudge.topologies.plan.ProblemPlan`
 (pure); requests for a model go to the least-loaded of its replicas, whose actors batch what
-arrives together. Records are appended to ``OUT/results.jsonl`` as problems finish (order of
+arrives together. All actors start at once; problems start as soon as the judge and one replica per
+model are up, and each further replica takes work from the moment it is ready. Records are appended to ``OUT/results.jsonl`` as problems finish (order of
 completion), flushed and fsynced; ``--resume`` skips finished ids, and Ctrl-C keeps what finished.
 """
 
@@ -24,6 +25,7 @@ import ray
 from kvjudge.agents.actor import AgentActor
 from kvjudge.cache.store_actor import get_or_create_store
 from kvjudge.judges.actor import JudgeActor, judge_options
+from kvjudge.models.sim import is_sim_spec
 from kvjudge.topologies.cluster import NAMESPACE, ClusterError, check_feasible, connect
 from kvjudge.topologies.plan import ProblemPlan
 from kvjudge.topologies.results import ResultsLog
@@ -65,23 +67,46 @@ class _Locked:
 
 @dataclass
 class Replicas:
-    """The actors serving one model; :meth:`pick` returns the least-loaded one."""
+    """The actors serving one model; :meth:`pick` returns the least-loaded one of those ready.
+
+    ``ready[i]``: replica ``i`` answered ``ready()`` (default: all are). A replica still starting
+    (``state: "starting"``) gets no work until :meth:`mark_ready`; one that failed to start
+    (:meth:`mark_failed`, ``state: "failed"``) never does.
+    """
 
     actors: list
     nodes: list[str] = field(default_factory=list)
     node_ids: list[str] = field(default_factory=list)  # Ray node ids (several nodes may share an IP)
     load: list[int] = field(default_factory=list)
     stats: list[dict] = field(default_factory=list)
+    ready: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.load = [0] * len(self.actors)
-        self.stats = [{"state": "idle", "tokens_per_s": 0.0, "batch": 0} for _ in self.actors]
-        self.node_ids = self.node_ids or ["?"] * len(self.actors)
+        n = len(self.actors)
+        self.ready = list(self.ready) if self.ready else [True] * n
+        self.load = [0] * n
+        self.stats = [{"state": "idle" if r else "starting", "tokens_per_s": 0.0, "batch": 0} for r in self.ready]
+        self.nodes = self.nodes or ["?"] * n
+        self.node_ids = self.node_ids or ["?"] * n
+
+    def mark_ready(self, i: int, info: dict) -> None:
+        """Replica ``i`` is up (``info``: its ``ready()`` answer): it takes work from now on."""
+        with self._lock:
+            self.nodes[i], self.node_ids[i] = str(info.get("node", "?")), str(info.get("node_id", "?"))
+            self.ready[i] = True
+            self.stats[i]["state"] = "busy" if self.load[i] else "idle"
+
+    def mark_failed(self, i: int, why: str) -> None:
+        """Replica ``i`` did not start (the others serve on): it never takes work."""
+        with self._lock:
+            self.ready[i] = False
+            self.stats[i].update(state="failed", error=why)
 
     def pick(self) -> int:
         with self._lock:
-            i = min(range(len(self.actors)), key=lambda j: (self.load[j], j))
+            up = [j for j in range(len(self.actors)) if self.ready[j]]
+            i = min(up, key=lambda j: (self.load[j], j))
             self.load[i] += 1
             self.stats[i]["state"] = "busy"
             return i
@@ -126,7 +151,9 @@ class Orchestrator:
         # an embedded Ray gets logical CPUs for every replica asked for (they may oversubscribe the cores)
         asked = 1 if self.replicas_arg in (None, "", "auto") else max(1, int(self.replicas_arg))
         want = math.ceil(asked * len(self.models) * res.agent_num_cpus) + 1
-        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want))
+        sim_only = all(is_sim_spec(m) for m in [*self.models, self.judge_model])  # no torch tensor in the run
+        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want),
+                                    torch_tensors=not sim_only)
         try:
             agent_req = {"CPU": res.agent_num_cpus}
             for m in self.models:
@@ -159,13 +186,8 @@ class Orchestrator:
         actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads,
                                                                              compress=compress)
                       for _ in range(n)] for m in self.models}
-        named = {f"agent model {m!r} replica {i + 1}": a for m, lst in actors.items() for i, a in enumerate(lst)}
-        ready = self._ready({**named, f"judge model {self.judge_model!r}": self.judge})
-        for m, lst in actors.items():
-            infos = [ready[f"agent model {m!r} replica {i + 1}"] for i in range(len(lst))]
-            self.pools[m] = Replicas(lst, nodes=[str(i.get("node", "?")) for i in infos],
-                                     node_ids=[str(i.get("node_id", "?")) for i in infos])
-        self.judge_info = ready[f"judge model {self.judge_model!r}"]
+        self.pools = {m: Replicas(lst, ready=[False] * len(lst)) for m, lst in actors.items()}
+        self.judge_info = self._await_ready()
         why = ray.get(self.judge.check_candidates.remote("(probe)", len(self.specs)))
         if why:
             raise RunError(f"the judge cannot take this topology's {len(self.specs)} agents as candidates: {why}")
@@ -181,20 +203,72 @@ class Orchestrator:
         per = float(self.topology.resources.agent_num_cpus) or 1.0
         return max(1, min(MAX_AUTO_REPLICAS, int(cpus // per) // max(1, len(self.models))))
 
-    def _ready(self, actors: dict) -> dict:
-        refs = {name: a.ready.remote() for name, a in actors.items()}
-        done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=READY_TIMEOUT_S)
-        if pending:
-            late = [n for n, r in refs.items() if r in pending]
-            raise RunError(f"{', '.join(late)}: no node could start it within {READY_TIMEOUT_S:.0f} s "
-                           f"(cluster resources: {ray.cluster_resources()})")
-        out = {}
-        for name, ref in refs.items():
-            info = ray.get(ref)
+    def _await_ready(self) -> dict:
+        """Wait (up to ``READY_TIMEOUT_S``) until the judge and one replica of every model are up, and
+        return the judge's ``ready()`` info. Every actor was started at once; the replicas still starting
+        join their pool as each comes up (a watcher thread), so work flows to a replica as soon as it is
+        ready rather than after the slowest. A judge that fails to start, or a model none of whose replicas
+        starts, is a :class:`RunError`; a replica that fails while another of its model is (or may yet
+        be) up is marked failed, and the others serve on."""
+        slots: dict = {self.judge.ready.remote(): (None, 0)}
+        for m, pool in self.pools.items():
+            slots.update({a.ready.remote(): (m, i) for i, a in enumerate(pool.actors)})
+        pending, judge_info = list(slots), None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while judge_info is None or not all(any(p.ready) for p in self.pools.values()):
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                late = [self._slot_name(*slots[r]) for r in pending]
+                raise RunError(f"{', '.join(late)}: no node could start it within {READY_TIMEOUT_S:.0f} s "
+                               f"(cluster resources: {ray.cluster_resources()})")
+            model, i = slots[done[0]]
+            info = self._ready_info(done[0])
             if "error" in info:
-                raise RunError(f"{name} failed to load on node {info['node']}: {info['error']}")
-            out[name] = info
-        return out
+                why = f"{self._slot_name(model, i)} failed to load on node {info.get('node', '?')}: {info['error']}"
+                if model is None:
+                    raise RunError(why)
+                self.pools[model].mark_failed(i, info["error"])
+                if all(v["state"] == "failed" for v in self.pools[model].view()):
+                    raise RunError(why)
+            elif model is None:
+                judge_info = info
+            else:
+                self.pools[model].mark_ready(i, info)
+        if pending:
+            later = {r: slots[r] for r in pending}
+            threading.Thread(target=self._join_later, args=(later, deadline), name="replicas-starting",
+                             daemon=True).start()
+        return judge_info
+
+    def _join_later(self, slots: dict, deadline: float) -> None:
+        """Add each replica still starting to its pool as it comes up (failed if it cannot)."""
+        pending = list(slots)
+        while pending and ray.is_initialized() and time.monotonic() < deadline:
+            try:
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            except Exception:  # Ray shut down under us: the run is over
+                return
+            for ref in done:
+                model, i = slots[ref]
+                info = self._ready_info(ref)
+                if "error" in info:
+                    self.pools[model].mark_failed(i, info["error"])
+                else:
+                    self.pools[model].mark_ready(i, info)
+        for ref in pending:  # never came up within READY_TIMEOUT_S
+            model, i = slots[ref]
+            self.pools[model].mark_failed(i, f"not started within {READY_TIMEOUT_S:.0f} s")
+
+    def _slot_name(self, model: str | None, i: int) -> str:
+        return f"judge model {self.judge_model!r}" if model is None else f"agent model {model!r} replica {i + 1}"
+
+    @staticmethod
+    def _ready_info(ref) -> dict:
+        """An actor's ``ready()`` answer; an actor that died while starting as ``{"error": why}``."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            return {"error": " ".join(str(exc).split())[:300] or type(exc).__name__}
 
     def replicas_view(self) -> dict[str, list[dict]]:
         return {m: pool.view() for m, pool in self.pools.items()}
