@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from kvjudge.agents.base import GenRequest, Generation  # torch-free home (the simulated agent shares them)
 from kvjudge.cache.compress.registry import compress_segment
+from kvjudge.cache.compat import cache_kwargs, output_cache
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import KVSegment
 from kvjudge.models import LoadedModel
@@ -140,7 +141,7 @@ class Generator:
         )
         answers = [_answer(out.sequences[b, width:].tolist(), budgets[b], stops) for b in range(len(requests))]
         kvs: list[KVSegment | None] = [None] * len(requests)
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if cache is not None and any(r.keep_kv and a for r, a in zip(requests, answers)):
             cache = self._complete(out.sequences, mask, cache, answers)
             for b, (r, a) in enumerate(zip(requests, answers)):
@@ -163,8 +164,8 @@ class Generator:
         full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype, device=mask.device)], dim=1)
         positions = (full.sum(dim=1, keepdim=True) - 1).long()
         out = self.lm.model(input_ids=sequences[:, -1:], attention_mask=full, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.past_key_values
+                            **cache_kwargs(self.lm.model, cache), use_cache=True, logits_to_keep=1)
+        return output_cache(out)
 
     def encode(self, context_ids: list[int], ids: list[int]) -> KVSegment:
         """KV ``[L, H, len(ids), D]`` of ``ids`` encoded right after ``context_ids`` (memoised)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.segments import KVSegment, rotate_half
 
 
@@ -65,7 +66,7 @@ def window_queries(model: torch.nn.Module, segment: KVSegment, context: KVSegmen
         ids = torch.tensor([list(segment.token_ids[segment.length - w:])], device=dev)
         first = segment.start + segment.length - w
         pos = torch.arange(first, first + w, device=dev).unsqueeze(0)
-        model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        model(input_ids=ids, position_ids=pos, **cache_kwargs(model, cache), use_cache=cache is not None, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvjudge.cache.compat import cache_kwargs, hook_cache
 from kvjudge.cache.segments import KVSegment, rotate_half, to_cache
 from kvjudge.experiments.diagnostics.common import (
     Call, Progress, case_of, figure, mean, run_method, save, truncated, validate_methods,
@@ -69,7 +70,7 @@ def answer_rows(model: torch.nn.Module):
     def hook(module, args, kwargs, output):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
-        cache = kwargs.get("past_key_values")
+        cache = hook_cache(kwargs)  # transformers internals: `cache` from 5.24, `past_key_values` before
         if cache is None:
             raise ValueError("answer attention needs a KV cache in the forward (use_cache=True)")
         rows[module.layer_idx] = _row(module, hidden, cos, sin, cache.layers[module.layer_idx].keys).cpu()
@@ -93,7 +94,7 @@ def answer_attention(model: torch.nn.Module, ids: Sequence[int],
     with answer_rows(model) as rows:
         out = model(input_ids=torch.tensor([list(ids)], device=dev),
                     position_ids=torch.arange(start, start + len(ids), device=dev).unsqueeze(0),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     attn = torch.stack([rows[i] for i in sorted(rows)])
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu(), attn
 

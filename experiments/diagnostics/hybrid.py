@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.segments import rotate_half, to_cache
 from kvjudge.experiments.diagnostics.attention import attention_modules
 from kvjudge.experiments.diagnostics.common import Call, Progress, case_of, figure, label_scores, mean, save
@@ -54,7 +55,7 @@ def hybrid_logprobs(judge: Judge, case: JudgeCase, recompute: Sequence[int]) -> 
         if slot in redo:
             model(input_ids=torch.tensor([list(piece_ids)], device=dev),
                   position_ids=torch.arange(pos, pos + len(piece_ids), device=dev).unsqueeze(0),
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+                  **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         else:
             for layer in range(seg.keys.shape[0]):
                 cache.update(seg.keys[layer].unsqueeze(0), seg.values[layer].unsqueeze(0), layer)
@@ -62,7 +63,7 @@ def hybrid_logprobs(judge: Judge, case: JudgeCase, recompute: Sequence[int]) -> 
     suffix = case.prompt.suffix
     out = model(input_ids=torch.tensor([list(suffix)], device=dev),
                 position_ids=torch.arange(pos, pos + len(suffix), device=dev).unsqueeze(0),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
 
