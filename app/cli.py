@@ -114,6 +114,20 @@ def _floats(flag: str, value: str) -> list[float]:
     return numbers
 
 
+def add_sampling(p: argparse.ArgumentParser, what: str = "problems") -> None:
+    """``--offset`` and ``--sample-seed``: which problems a ``--limit`` takes (``datasets.sample_problems``)."""
+    p.add_argument("--offset", type=int, default=0,
+                   help=f"skip the first K {what} of the sampling order (disjoint calibration/test splits)")
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="MMLU: seed of the sample stratified over its 57 subjects (default 0); GSM8K, HumanEval, "
+                        "files: shuffle with this seed (default: their own order)")
+
+
+def nonnegative(flag: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise UserError(f"--{flag} must be >= 0, got {value}")
+
+
 def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None:
     p.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default=default_kv,
                    help="where candidate KV comes from: agent (as the agent computed it while writing), isolated "
@@ -159,7 +173,8 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("file", help="a topology file or a shipped name")
     r.add_argument("--model", default=None, help="override the topology's default model (agents and judge)")
     r.add_argument("--problems", default="humaneval", help="humaneval | gsm8k | mmlu | FILE.jsonl with {id, prompt}")
-    r.add_argument("--limit", type=int, default=None, help="first N problems only")
+    r.add_argument("--limit", type=int, default=None, help="N problems only (MMLU: stratified over subjects)")
+    add_sampling(r)
     r.add_argument("--address", default=None, help="Ray address (auto, ray://host:10001); default: embedded local Ray")
     r.add_argument("--out", default=None, help="output folder (default runs/<topology name>)")
     r.add_argument("--resume", action="store_true", help="continue OUT/results.jsonl, skipping finished problems")
@@ -180,7 +195,13 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated judge methods, dense always included (default {','.join(DEFAULT_METHODS)})")
     e.add_argument("--seeds", default="42,123,456", help="shuffle seeds (default 42,123,456)")
-    e.add_argument("--limit", type=int, default=None, help="first N problems only")
+    e.add_argument("--limit", type=int, default=None, help="N problems only (MMLU: stratified over subjects)")
+    add_sampling(e)
+    e.add_argument("--temperature", type=float, default=None,
+                   help="every agent samples at this temperature (e.g. --topology debate --temperature 0.7); "
+                        "default: the topology's own")
+    e.add_argument("--generation-seed", type=int, default=0,
+                   help="with --temperature: agent i samples with seed S + 1000 i (default 0)")
     e.add_argument("--candidates", default=None, help="candidates.jsonl from an earlier run: skips generation")
     e.add_argument("--data", default=None, help="read the data set from this JSONL(.gz) instead of its package")
     e.add_argument("--out", default=None, help="output folder (default runs/eval-<dataset>)")
@@ -207,7 +228,8 @@ def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--topology", default="progressive_refinement",
                    help="rebuilds agent prompts for files that lack them (default progressive_refinement)")
     g.add_argument("--seeds", default="42,123,456", help="shuffle seeds")
-    g.add_argument("--limit", type=int, default=None, help="first N candidate sets")
+    g.add_argument("--limit", type=int, default=None, help="N candidate sets (in the dataset's sampling order)")
+    add_sampling(g, "candidate sets")
     g.add_argument("--dataset", default=None, help="the dataset task ids refer to (default: from the task id)")
     g.add_argument("--out", default=None, help="output folder (default runs/diagnose)")
     g.set_defaults(func=cmd_diagnose)
@@ -353,7 +375,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = parse_compress(args.compress)
         store = topo.store.model_copy(update={"compress": CompressSpec(**spec) if spec else None})
         topo = topo.model_copy(update={"store": store})
-    problems = load_problems(args.problems, args.limit)
+    nonnegative("offset", args.offset)
+    problems = load_problems(args.problems, args.limit, args.offset, args.sample_seed)
     out = Path(args.out) if args.out else default_out(topo.name)
     try:
         counts = run(topo, problems, out, model=args.model, address=args.address, resume=args.resume,
@@ -384,6 +407,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         resume=args.resume, device=args.device, candidate_kv=args.candidate_kv,
         judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
         gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
+        offset=args.offset, sample_seed=args.sample_seed, temperature=args.temperature,
+        generation_seed=args.generation_seed,
     )
     cfg.method_options = method_options_of(args) or None
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
@@ -464,10 +489,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from kvjudge.experiments.diagnostics import run_diagnose
 
     positive("limit", args.limit)
+    nonnegative("offset", args.offset)
     methods = _names("methods", args.methods, METHOD_ORDER, "judge method")
     out = Path(args.out) if args.out else Path("runs") / "diagnose"
     result = run_diagnose(args.kind, args.candidates, args.model, methods, args.candidate_kv, parse_seeds(args.seeds),
-                          args.limit, out, dataset=args.dataset, topology=args.topology)
+                          args.limit, out, dataset=args.dataset, topology=args.topology, offset=args.offset,
+                          sample_seed=args.sample_seed)
     print(f"-> {result['report']}")
     return 0
 

@@ -119,10 +119,33 @@ def with_agent_prompts(sets: dict[str, CandidateSet], problems: dict[str, str], 
     return filled
 
 
+def with_temperature(topo: Topology, temperature: float | None, seed: int = 0) -> Topology:
+    """``topo`` with every agent sampling at ``temperature`` (``None``: unchanged), agent ``i`` (topology
+    order) seeded ``seed + 1000 * i`` so that each agent draws its own reproducible stream (the plan adds
+    the round to it)."""
+    if temperature is None:
+        return topo
+    agents = {name: spec.model_copy(update={"temperature": float(temperature), "seed": int(seed) + 1000 * i})
+              for i, (name, spec) in enumerate(topo.agents.items())}
+    return topo.model_copy(update={"agents": agents})
+
+
+def sampling_settings(cfg: EvalConfig) -> dict:
+    """What ``summary.json`` records of how candidates were sampled: the temperature and generation
+    seed asked for, and each agent's resulting ``{"temperature", "seed"}``."""
+    if cfg.candidates is not None:  # the candidates were made elsewhere: nothing known of their sampling
+        return {"temperature": None, "generation_seed": None, "agent_sampling": None}
+    topo = with_temperature(load_topology(resolve_topology(cfg.topology)), cfg.temperature, cfg.generation_seed)
+    agents = {a: {"temperature": topo.agent_spec(a).temperature, "seed": topo.agent_spec(a).seed} for a in topo.agents}
+    return {"temperature": cfg.temperature, "generation_seed": cfg.generation_seed if cfg.temperature is not None
+            else None, "agent_sampling": agents}
+
+
 def generate_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter) -> None:
-    """Run ``problems`` through the topology on Ray, appending to ``OUT/generation/results.jsonl``
-    (resumable); :func:`generated_sets` reads what it produced."""
-    topo = load_topology(resolve_topology(cfg.topology))
+    """Run ``problems`` through the topology on Ray (every agent at ``cfg.temperature`` when set, see
+    :func:`with_temperature`), appending to ``OUT/generation/results.jsonl`` (resumable);
+    :func:`generated_sets` reads what it produced."""
+    topo = with_temperature(load_topology(resolve_topology(cfg.topology)), cfg.temperature, cfg.generation_seed)
     # The pipeline's own judge is not what we measure: dense keeps generation cheap, and "agent" KV mode
     # asks the agents for no extra prefill (what the eval needs of them is their prompt and answer ids).
     topo = topo.model_copy(update={"judge": JudgeSpec(method="dense", candidate_kv="agent")})

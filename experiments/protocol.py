@@ -30,12 +30,13 @@ from kvjudge.experiments.candidates import (
     generated_sets,
     generation_records,
     load_candidates,
+    sampling_settings,
     with_agent_prompts,
     write_candidates,
 )
 from kvjudge.experiments.calibrate import calibrate_split
 from kvjudge.experiments.config import PAPER_RANDOM_COVERAGE, EvalConfig
-from kvjudge.experiments.datasets import grade_candidates, load_dataset, sandbox_for
+from kvjudge.experiments.datasets import describe_sample, grade_candidates, load_dataset, sandbox_for
 from kvjudge.experiments.judging import judge_all, record_key, running_metrics, shown_candidates
 from kvjudge.experiments.plots import write_plots
 from kvjudge.experiments.report import write_report
@@ -79,7 +80,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     sandbox = sandbox_for(cfg.dataset, cfg.unsafe_exec)  # refuse unisolated code execution before any work
     if sandbox and verbose:
         print(f"generated code is graded in the sandbox (isolation: {sandbox})", file=sys.stderr)
-    problems = load_dataset(cfg.dataset, path=cfg.data, limit=None if cfg.candidates else cfg.limit)
+    # the sampling order (MMLU: stratified over subjects); with --candidates, --offset/--limit apply to its problems
+    problems = load_dataset(cfg.dataset, path=cfg.data, limit=None if cfg.candidates else cfg.limit,
+                            offset=0 if cfg.candidates else cfg.offset, sample_seed=cfg.sample_seed)
     with _timed(timings, "generation_s"):
         problems, sets, source = collect_candidates(cfg, problems, reporter or _Silent(), verbose)
     with _timed(timings, "grading_s"):
@@ -112,10 +115,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         log.close()
     lengths = {t: [len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in sets[t].candidates]
                for t in task_ids}
-    summary = summarize(log, task_ids, cfg.seeds, cfg.methods, lengths)
+    summary = summarize(log, task_ids, cfg.seeds, cfg.methods, lengths, dataset=cfg.dataset,
+                        candidates={t: sets[t].candidates for t in task_ids}, passes=passes)
     timings["total_s"] = time.perf_counter() - t_start
     config = run_config(cfg, lm, sets, task_ids, passes, source, used, skipped, timings)
     config["sandbox_isolation"] = sandbox
+    config.update(offset=cfg.offset, sample_seed=cfg.sample_seed, **sampling_settings(cfg),
+                  sample=describe_sample(cfg.dataset, problems, cfg.limit, cfg.offset, cfg.sample_seed))
     config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration)
     summary = {"config": config, **summary}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -153,7 +159,9 @@ def collect_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter
         problems = [p for p in problems if str(p["id"]) in sets]
         if not problems:
             raise ValueError(f"--candidates: no task_id of {cfg.candidates} is a {cfg.dataset} problem")
-        problems = problems[: cfg.limit] if cfg.limit is not None else problems
+        problems = problems[cfg.offset:][: cfg.limit] if cfg.limit is not None else problems[cfg.offset:]
+        if not problems:
+            raise ValueError(f"--offset {cfg.offset}: skips every problem of --candidates")
         if cfg.candidate_kv == "agent":  # files written before prompts were kept: rebuild them from the topology
             with_agent_prompts({str(p["id"]): sets[str(p["id"])] for p in problems}, texts,
                                load_topology(resolve_topology(cfg.topology)))

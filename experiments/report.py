@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kvjudge.judges.catalog import ordered
 
-__all__ = ["PAPER", "METHOD_NAMES", "render_report", "write_report", "console_table", "regime_rows"]
+__all__ = ["PAPER", "METHOD_NAMES", "render_report", "write_report", "console_table", "regime_rows", "readme_table"]
 
 METHOD_NAMES = {
     "dense": "Dense Prefill", "naive": "Naive Reuse", "kvcomm": "KVCOMM", "pal_kv": "PAL-KV",
@@ -61,6 +61,24 @@ def _ci(ci: list | None, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if not ci else f"[{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 
 
+def _kappa(k: float | None) -> str:
+    return "–" if k is None else f"{k:+.2f}"
+
+
+def _kappa_ci(r: dict) -> str:
+    ci = r.get("kappa_ci")
+    return "–" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _kci(r: dict) -> str:
+    """Kappa with its bootstrap CI: ``+0.21 [+0.05, +0.37]``."""
+    return _kappa(r.get("kappa")) + ("" if not r.get("kappa_ci") else " " + _kappa_ci(r))
+
+
+def _slots(xs: list | None) -> str:
+    return "–" if not xs else " / ".join("–" if x is None else f"{100 * x:.0f}" for x in xs)
+
+
 def _name(m: str) -> str:
     return METHOD_NAMES.get(m, m) + (" (ours)" if m == "dg_jkr" else "")
 
@@ -100,7 +118,9 @@ def regime_rows(summary: dict, out_dir: Path | None) -> list[dict]:
         dg, rg = ms.get("dg_jkr"), ms.get("random_gate")
         sig = (s.get("significance") or {}).get("dg_jkr_vs_random_gate")
         rows.append({
-            "regime": REGIME_NAMES.get(stem, stem), "run": str(d) if d else "", "dg_jkr": dg and dg["jcr"],
+            "regime": REGIME_NAMES.get(stem, stem), "run": str(d) if d else "",
+            "temperature": s["config"].get("temperature"), "dg_jkr": dg and dg["jcr"],
+            "dg_jkr_kappa": dg and dg.get("kappa"), "random_gate_kappa": rg and rg.get("kappa"),
             "random_gate": rg and rg["jcr"], "gap": (dg["jcr"] - rg["jcr"]) if dg and rg else None,
             "coverage": dg and dg.get("coverage"), "p_value": sig and sig["p_value"],
             "significant": sig and sig["significant"],
@@ -121,6 +141,18 @@ def _header(summary: dict, order: list[str]) -> list[str]:
                  f"(topology {cfg.get('topology')}, N = {', '.join(map(str, cfg.get('n_candidates', [])))}).")
     lines.append(f"Paper numbers: {PAPER['model']}, seed 42. Metrics are pooled over all (problem, seed) "
                  "records; ± is the population std over seeds; CIs are 95% percentile bootstrap.")
+    sample = cfg.get("sample") or {}
+    if sample:
+        counts = next((v for k, v in sample.items() if k.endswith("_counts")), None)
+        seed = "" if sample.get("seed") is None else f" (seed {sample['seed']})"
+        lines.append(f"Problems: {sample.get('order')}{seed}, offset {sample.get('offset')}, limit {sample.get('limit')}" + (f"; {len(counts)} subjects, {min(counts.values())}-"
+                                                       f"{max(counts.values())} problems each" if counts else "")
+                     + (f"; the {len(cfg['calibration']['problems'])} problems before them estimated the "
+                        f"{cfg['calibration'].get('kind')} priors and are not scored"
+                        if (cfg.get("calibration") or {}).get("problems") else "") + ".")
+    if cfg.get("temperature") is not None:
+        lines.append(f"Candidates sampled at temperature {cfg['temperature']} (generation seed "
+                     f"{cfg.get('generation_seed')}).")
     cov = cfg.get("random_gate_coverage")
     if cov:
         lines.append(f"Random Gating coverage ({cfg.get('random_gate_coverage_source')}): "
@@ -140,14 +172,20 @@ def _table1(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
         p = PAPER["table1"].get(m, {})
         spread = m in ("random_gate", "dg_jkr") and r.get("jcr_mean_std")
         jcr = _pct(r["jcr"]) + (f" ± {100 * r['jcr_mean_std'][1]:.2f}" if spread else "")
-        rows.append([_name(m), _pct(r["pass_at_1"]), jcr, _pct(r["reuse_rate"]), _pct(r.get("coverage")),
+        rows.append([_name(m), _pct(r["pass_at_1"]), jcr, _pct(r.get("p_e")), _kappa(r.get("kappa")),
+                     _pct(r["reuse_rate"]), _pct(r.get("coverage")),
                      p.get("pass_at_1", "–"), p.get("jcr", "–"), p.get("reuse_rate", "–"), p.get("coverage", "–")])
-    lines += _table(["Method", "Pass@1 (%)", "JCR (%)", "Reuse Rate (%)", "Coverage (%)",
+    lines += _table(["Method", "Pass@1 (%)", "JCR (%)", "p_e (%)", "Kappa", "Reuse Rate (%)", "Coverage (%)",
                      "Paper Pass@1", "Paper JCR", "Paper Reuse", "Paper Coverage"], rows)
+    lines += ["", "p_e: the agreement with dense expected by chance from the two judges' winner-slot shares on the "
+                  "same calls; Kappa = (JCR - p_e) / (1 - p_e), Cohen's, over display slots (– where undefined: both "
+                  "always pick one slot). Kappa near 0 with a high JCR means agreement by position, not by reading."]
     lines += ["", "95% bootstrap CIs (ours):", ""]
-    rows = [[_name(m), _ci(ms[m]["pass_at_1_ci"]), _ci(ms[m]["jcr_ci"]), _ci(ms[m]["reuse_rate_ci"]),
-             _ci(ms[m].get("coverage_ci")), _ci(ms[m]["latency_ms_ci"], 1.0)] for m in order]
-    lines += _table(["Method", "Pass@1", "JCR", "Reuse Rate", "Coverage", "Latency (ms)"], rows)
+    rows = [[_name(m), _ci(ms[m]["pass_at_1_ci"]), _ci(ms[m]["jcr_ci"]), _kappa_ci(ms[m]),
+             _ci(ms[m]["reuse_rate_ci"]), _ci(ms[m].get("coverage_ci")), _ci(ms[m]["latency_ms_ci"], 1.0)]
+            for m in order]
+    lines += _table(["Method", "Pass@1", "JCR", "Kappa (problems resampled)", "Reuse Rate", "Coverage",
+                     "Latency (ms)"], rows)
     lines += ["", f"Candidate KV: **{cfg.get('candidate_kv', 'judge_prefix')}**; judge output: "
                   f"**{cfg.get('judge_output', 'label')}**. Measured: the share of calls in which an anchor method "
                   "measured a new anchor with a dense prefill (and answered from it). Unparseable: generated answers "
@@ -166,12 +204,14 @@ def _table2(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
         sig = "–" if r["significant"] is None else ("✓" if r["significant"] else "✗")
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
         gap = "–" if r["gap"] is None else f"{100 * r['gap']:+.2f}"
-        rows.append([f"{r['regime']} (ours)", _pct(r["dg_jkr"]), _pct(r["random_gate"]), gap,
-                     _pct(r["coverage"]), f"{sig} (p = {p})"])
+        temp = "" if r.get("temperature") is None else f", T = {r['temperature']}"
+        rows.append([f"{r['regime']} (ours{temp})", _pct(r["dg_jkr"]), _kappa(r.get("dg_jkr_kappa")),
+                     _pct(r["random_gate"]), _kappa(r.get("random_gate_kappa")), gap, _pct(r["coverage"]),
+                     f"{sig} (p = {p})"])
     for row in PAPER["table2"]:
-        rows.append([f"{row[0]} (paper)", *row[1:]])
-    lines += _table(["Regime", "DG-JKR JCR (%)", "Random JCR (%)", "Gap (pp)", "Coverage (%)", "Significant?"],
-                    rows)
+        rows.append([f"{row[0]} (paper)", row[1], "–", row[2], "–", *row[3:]])
+    lines += _table(["Regime", "DG-JKR JCR (%)", "DG-JKR Kappa", "Random JCR (%)", "Random Kappa", "Gap (pp)",
+                     "Coverage (%)", "Significant?"], rows)
     sig = summary.get("significance") or {}
     if sig:
         lines += ["", "Paired tests on per-record consistency with Dense Prefill (exact McNemar):", ""]
@@ -190,10 +230,11 @@ def _table3(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
     for m in order:
         r = ms[m]
         p = PAPER["table3"].get(m, ("–", "–"))
+        kms = r.get("kappa_mean_std")
         rows.append([_name(m), _pct(r["jcr_f"]), _pm(r.get("jcr_f_mean_std")), _pct(r.get("precision_f")),
-                     _pm(r.get("jcr_mean_std")), p[0], p[1]])
+                     _pm(r.get("jcr_mean_std")), "–" if not kms else f"{kms[0]:+.2f} ± {kms[1]:.2f}", p[0], p[1]])
     lines += _table(["Method", "JCR-F (%)", "JCR-F mean ± std", "Precision-F (%)", "JCR mean ± std",
-                     "Paper JCR-F", "Paper Precision-F"], rows)
+                     "Kappa mean ± std", "Paper JCR-F", "Paper Precision-F"], rows)
     return lines
 
 
@@ -213,6 +254,34 @@ def _table4(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
                       "As the paper accounts it (both arms in parallel, dense only on fallback: "
                       "max(naive, KVCOMM) + fallback rate x dense) it is "
                       f"{dg['latency_ms_parallel_arms']:.2f} ms ({dg['latency_ratio_parallel_arms']:.2f}x dense)."]
+    return lines
+
+
+def _agreement(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
+    """Agreement beyond chance, position and content: what a JCR is made of."""
+    ms, lines = summary["methods"], ["", "## Agreement beyond chance, position and content", ""]
+    rows = []
+    for m in order:
+        r = ms[m]
+        pc = r.get("position_consistency") or {}
+        rows.append([_name(m), _pct(r["jcr"], 1), _pct(r.get("p_e"), 1), _kci(r), _slots(r.get("jcr_by_dense_slot")),
+                     _slots(r.get("winner_slots")), _pct(pc.get("all"), 1), _pct(pc.get("pairwise"), 1),
+                     _pct(r["pass_at_1"], 1)])
+    lines += _table(["Method", "JCR (%)", "p_e (%)", "Kappa [95% CI]", "JCR by dense's slot (%)",
+                     "Winner slot (%)", "Same candidate, all seeds (%)", "Same, pairwise (%)", "Accuracy (%)"], rows)
+    lines += ["", "Slots are display positions 1..N (dense's winner slot for the JCR split, the method's own for the "
+                  "histogram). Same candidate: problems whose chosen original candidate is the same under every "
+                  "shuffle seed (pairwise: over pairs of seeds). Kappa CI: problems resampled (all their seeds "
+                  "together), 2,000 draws, seed 0."]
+    c = summary.get("content")
+    if c:
+        dense = ms.get("dense") or {}
+        lines += ["", f"What the {c['n_sets']} candidate sets offer a judge: dense's accuracy (the picked candidate "
+                      f"passes) {_pct(dense.get('pass_at_1'), 1)}% against the oracle (any candidate passes) "
+                      f"{_pct(c['oracle'], 1)}%, a random pick {_pct(c['random_pick'], 1)}% (expected) and a majority "
+                      f"vote over the final answers {_pct(c.get('majority_vote'), 1)}%; "
+                      f"{c['distinct_answers']:.2f} distinct final answers per set, mean pairwise word overlap "
+                      + ("–" if c.get("token_overlap") is None else f"{c['token_overlap']:.2f}") + "."]
     return lines
 
 
@@ -265,7 +334,7 @@ def render_report(summary: dict, out_dir: Path | None = None) -> str:
     ms = summary["methods"]
     order = ordered(ms)
     lines = _header(summary, order)
-    for section in (_table1, _table2, _table3, _table4, _table5, _plots_and_timings):
+    for section in (_table1, _agreement, _table2, _table3, _table4, _table5, _plots_and_timings):
         lines += section(summary, order, out_dir)
     return "\n".join(lines)
 
@@ -280,15 +349,67 @@ def write_report(summary: dict, out_dir: Path) -> Path:
 def console_table(summary: dict) -> str:
     """A compact plain-text table for the terminal."""
     ms = summary["methods"]
-    head = f"{'method':<14}{'pass@1':>8}{'JCR':>8}{'JCR-F':>8}{'reuse':>8}{'cover':>8}{'ms':>10}{'x dense':>9}"
+    head = (f"{'method':<14}{'pass@1':>8}{'JCR':>8}{'p_e':>8}{'kappa':>8}{'JCR-F':>8}{'reuse':>8}{'cover':>8}"
+            f"{'ms':>10}{'x dense':>9}")
     lines = [f"{summary['config'].get('dataset')} with {summary['config'].get('model')}: "
              f"{summary['config'].get('n_problems')} problems x {len(summary['config'].get('seeds', []))} seeds",
              head]
     for m, r in ms.items():
         ratio = "–" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.2f}"
-        lines.append(f"{m:<14}{_pct(r['pass_at_1'], 1):>8}{_pct(r['jcr'], 1):>8}{_pct(r['jcr_f'], 1):>8}"
+        lines.append(f"{m:<14}{_pct(r['pass_at_1'], 1):>8}{_pct(r['jcr'], 1):>8}{_pct(r.get('p_e'), 1):>8}"
+                     f"{_kappa(r.get('kappa')):>8}{_pct(r['jcr_f'], 1):>8}"
                      f"{_pct(r['reuse_rate'], 1):>8}{_pct(r.get('coverage'), 1):>8}{r['latency_ms']:>10.1f}{ratio:>9}")
     sig = (summary.get("significance") or {}).get("dg_jkr_vs_random_gate")
     if sig:
         lines.append(f"DG-JKR vs random gate: {100 * sig['gap']:+.2f} pp, p = {sig['p_value']:.3g}")
     return "\n".join(lines)
+
+
+def readme_table(runs: list[tuple[str, dict]]) -> str:
+    """The README's results table for several runs (``(label, summary)``, e.g. ``("GSM8K", ...)``): per
+    method and run, JCR with its p_e and kappa beside it, position consistency and cost as x dense."""
+    order = ordered({m: None for _, s in runs for m in s["methods"]})
+    header = ["Method"]
+    for label, _ in runs:
+        header += [f"{label} JCR (%)", "p_e (%)", "Kappa [95% CI]", "same cand. (%)", "x dense"]
+    rows = []
+    for m in order:
+        row = [METHOD_NAMES.get(m, m)]
+        for _, s in runs:
+            r = s["methods"].get(m)
+            if r is None:
+                row += ["–"] * 5
+                continue
+            spread = r.get("jcr_mean_std") and len((s.get("config") or {}).get("seeds", [])) > 1
+            jcr = _pct(r["jcr"], 1) + (f" ± {100 * r['jcr_mean_std'][1]:.1f}" if spread else "")
+            ratio = "–" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.2f}"
+            row += [jcr, _pct(r.get("p_e"), 1), _kci(r), _pct((r.get("position_consistency") or {}).get("all"), 1),
+                    ratio]
+        rows.append(row)
+    return "\n".join(_table(header, rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvjudge.experiments.report [LABEL=]OUT ...``: print the README table of eval runs."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m kvjudge.experiments.report [LABEL=]OUT_DIR ...", file=sys.stderr)
+        return 2
+    runs = []
+    for a in args:
+        label, _, path = a.rpartition("=")
+        f = Path(path) / "summary.json"
+        try:
+            summary = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"cannot read {f}: {exc}", file=sys.stderr)
+            return 2
+        runs.append((label or str((summary.get("config") or {}).get("dataset", path)), summary))
+    print(readme_table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

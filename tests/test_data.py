@@ -235,3 +235,50 @@ def test_gsm8k_answer_is_canonical_as_the_grader_compares():
     assert gsm8k_answer("no number") is None
     for text, ref in (("18.0", "18"), ("$1,000", "1000"), ("1e3", "1000")):
         assert (gsm8k_answer(text) == gsm8k_answer(ref)) == check_gsm8k(text, ref)
+
+
+# --- the diverse-candidates regime -----------------------------------------------------------------
+
+def test_temperature_reaches_every_agent_with_its_own_seed():
+    from kvjudge.experiments.candidates import sampling_settings, with_temperature
+    from kvjudge.experiments.config import EvalConfig
+    from kvjudge.topologies import load_topology, resolve_topology
+    from kvjudge.topologies.plan import ProblemPlan
+
+    topo = load_topology(resolve_topology("debate"))
+    hot = with_temperature(topo, 0.7, seed=5)
+    specs = [hot.agent_spec(a) for a in hot.agents]
+    assert [s.temperature for s in specs] == [0.7] * len(specs)
+    assert [s.seed for s in specs] == [5 + 1000 * i for i in range(len(specs))]
+    assert with_temperature(topo, None) is topo
+    # the requests the agents receive carry it (round r adds r to the seed)
+    plan = ProblemPlan(hot, "2 + 2?")
+    assert {(r["temperature"], r["seed"]) for r in plan.ready()} == {(0.7, 5 + 1000 * i) for i in range(len(specs))}
+    cfg = EvalConfig(dataset="gsm8k", out="/tmp/unused", topology="debate", temperature=0.7, generation_seed=5)
+    got = sampling_settings(cfg)
+    assert got["temperature"] == 0.7 and got["generation_seed"] == 5
+    assert {a: v["seed"] for a, v in got["agent_sampling"].items()} == {a: 5 + 1000 * i for i, a in enumerate(hot.agents)}
+    # the default regime keeps each agent's own setting
+    assert sampling_settings(EvalConfig(dataset="gsm8k", out="/tmp/unused"))["agent_sampling"]["a1"]["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "mmlu", "--offset", "-1"], "--offset must be >= 0"),
+    (["eval", "gsm8k", "--temperature", "11"], "--temperature must be in [0, 10]"),
+    (["run", "debate", "--problems", "gsm8k", "--offset", "-2"], "--offset must be >= 0"),
+])
+def test_sampling_flags_refuse_bad_values_in_one_line(capsys, argv, message):
+    from kvjudge.app.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_temperature_with_candidates_is_refused(capsys, tmp_path):
+    from kvjudge.app.cli import main
+
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"task_id": "gsm8k/0", "candidates": ["1"]}) + "\n")
+    assert main(["eval", "gsm8k", "--candidates", str(f), "--temperature", "0.7", "--out", str(tmp_path / "o")]) == 2
+    assert "--temperature applies to candidate generation" in capsys.readouterr().err

@@ -258,3 +258,52 @@ def test_diversity_hand_case():
     assert token_overlap([["a", "b", "c"], ["a", "b", "b"], ["d"]]) == pytest.approx(2 / 9)
     assert token_overlap([["x"]]) is None
     assert token_overlap([[1, 2], [2, 1]]) == 1.0
+
+
+# --- the summary: kappa on the calls JCR counts ------------------------------------------------------
+
+def _rec(tid, seed, method, perm, slot):
+    orig = None if slot is None else perm[slot - 1]
+    return {"task_id": tid, "seed": seed, "method": method, "permutation": perm, "winner_slot": slot,
+            "winner_original": orig, "passed": orig == 0, "consistent": None, "reused": method != "dense",
+            "latency_ms": 1.0, "decision": None, "gate": None}
+
+
+def test_summary_kappa_is_taken_on_the_calls_jcr_counts(tmp_path):
+    from kvjudge.experiments.summary import content_measures, summarize
+    from kvjudge.topologies.results import ResultsLog
+
+    perms = {42: [0, 1, 2], 123: [2, 0, 1]}
+    # (problem, seed) -> (dense slot, naive slot); naive names no candidate on one call
+    calls = {("p1", 42): (1, 3), ("p2", 42): (2, 2), ("p3", 42): (3, 3), ("p4", 42): (3, None),
+             ("p1", 123): (2, 3), ("p2", 123): (1, 1), ("p3", 123): (3, 3), ("p4", 123): (3, 3)}
+    log = ResultsLog(tmp_path / "results.jsonl", key=lambda r: (r["task_id"], r["seed"], r["method"]))
+    for (t, s), (d, n) in calls.items():
+        log.append(_rec(t, s, "dense", perms[s], d))
+        log.append(_rec(t, s, "naive", perms[s], n))
+    out = summarize(log, ["p1", "p2", "p3", "p4"], [42, 123], ["dense", "naive"])
+    row = out["methods"]["naive"]
+    both = [(n, d) for (d, n) in calls.values() if n is not None]  # the 7 calls JCR counts
+    ns, ds = [b[0] for b in both], [b[1] for b in both]
+    assert row["jcr"] == pytest.approx(jcr(ns, ds)) == pytest.approx(5 / 7)
+    assert row["p_e"] == pytest.approx(chance_agreement(ns, ds))
+    assert row["kappa"] == pytest.approx(cohen_kappa(ns, ds))
+    # by hand: dense slots 1,2,3 = 2,2,3 of 7; naive 1,2,3 = 1,1,5 of 7
+    assert row["p_e"] == pytest.approx((2 * 1 + 2 * 1 + 3 * 5) / 49)
+    assert row["jcr_by_dense_slot"] == pytest.approx([1 / 2, 1 / 2, 1.0])
+    assert row["winner_slots"] == pytest.approx([1 / 7, 1 / 7, 5 / 7])  # the method's own 7 named winners
+    assert out["methods"]["dense"]["kappa"] == pytest.approx(1.0)
+    # the original candidate chosen per seed: p1 (2, 1), p2 (1, 2), p3 (2, 1), p4 (None, 1) -> never the same
+    assert row["position_consistency"] == {"all": 0.0, "pairwise": 0.0, "n_problems": 4}
+    # dense: p1 (0, 0), p2 (1, 2), p3 (2, 1), p4 (2, 1)
+    assert out["methods"]["dense"]["position_consistency"]["all"] == pytest.approx(1 / 4)
+    lo, hi = row["kappa_ci"]
+    assert lo <= row["kappa"] <= hi
+    assert set(row["per_seed"]["42"]) >= {"kappa", "p_e"}
+
+    content = content_measures("gsm8k", {"a": ["so 18", "18.0", "17"], "b": ["5", "6", "no idea"]},
+                               {"a": [True, True, False], "b": [False, False, False]})
+    assert content["oracle"] == 0.5 and content["random_pick"] == pytest.approx((2 / 3 + 0) / 2)
+    assert content["majority_vote"] == pytest.approx((1 + 0) / 2)  # "18" twice; 5 vs 6 tie, both wrong
+    assert content["distinct_answers"] == pytest.approx((2 + 2) / 2)
+    assert content_measures("humaneval", {"a": ["x", "x "]}, {"a": [True, True]})["majority_vote"] is None
