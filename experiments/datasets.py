@@ -2,12 +2,14 @@
 dataset can ever be graded with another's checker.
 
 A grader takes ``(problem, candidate text)`` and says whether the candidate is correct: HumanEval
-runs the unit tests in the sandbox (:mod:`kvjudge.experiments.sandbox`), GSM8K compares the final
+runs the unit tests in the sandbox (:mod:`kvjudge.sandbox`; the grader is below), GSM8K compares the final
 number, MMLU the chosen letter.
 """
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from kvjudge.experiments.data import (
     load_mmlu,
     sample_rows,
 )
-from kvjudge.experiments.sandbox import check_humaneval, isolation_level, require_isolation
+from kvjudge.sandbox import SandboxResult, isolation_level, require_isolation, run_untrusted
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,74 @@ class Dataset:
     sandboxed: bool = False
     answer: Callable[[str], str | None] | None = None
     strata: str | None = None
+
+
+# --- HumanEval: the candidate's code runs in the sandbox, the dataset's tests in its trusted harness ---
+
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str, entry_point: str | None = None) -> str:
+    """Strip Markdown code fences from a model answer.
+
+    No ```` ``` ```` in ``text``: returned unchanged (a raw completion keeps its indentation).
+    Otherwise the fenced blocks are collected (an unclosed final fence runs to the end of the
+    text) and one is chosen: the first that defines ``def entry_point(`` when ``entry_point``
+    is given, else the first tagged ``python``/``py`` (or untagged), else the longest.
+    """
+    if "```" not in text:
+        return text
+    blocks = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(text)]
+    if not blocks:
+        return text.replace("```", "")
+    if entry_point:
+        pat = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
+        for _, body in blocks:
+            if pat.search(body):
+                return body
+    for lang, body in blocks:
+        if lang in ("python", "py", "python3", ""):
+            return body
+    return max(blocks, key=lambda b: len(b[1]))[1]
+
+
+def _defines(code: str, entry_point: str) -> bool:
+    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
+
+
+def _humaneval_body(problem: dict, completion: str) -> str:
+    entry = problem["entry_point"]
+    code = extract_code(completion, entry)
+    if _defines(code, entry):
+        return problem["prompt"] + "\n\n" + textwrap.dedent(code)
+    return problem["prompt"] + code
+
+
+def _humaneval_tests(problem: dict) -> str:
+    return problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
+
+
+def build_humaneval_program(problem: dict, completion: str) -> str:
+    """The single-file program equivalent to one HumanEval check (for display and reuse).
+
+    Standard form: ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``.
+    When the (fence-stripped) completion restates ``def entry_point(`` itself — what chat models
+    do — the body is ``prompt + "\\n\\n" + dedent(completion)`` instead: the prompt's function
+    is docstring-only and therefore valid, the completion's later ``def`` replaces it, and the
+    prompt's imports and helper functions (e.g. HumanEval/38, /50) stay available.
+    ``check_humaneval`` runs the body in the sandbox and the test part in the trusted harness.
+    """
+    return _humaneval_body(problem, completion) + "\n\n" + _humaneval_tests(problem)
+
+
+def check_humaneval(problem: dict, completion: str, timeout_s: float = 5.0, memory_mb: int = 512, *,
+                    unsafe_exec: bool = False) -> SandboxResult:
+    """Run ``problem``'s unit tests on ``completion``: the body of ``build_humaneval_program`` in
+    the sandbox, ``test`` + ``check(entry_point)`` (after the prompt, for its helpers) in the
+    trusted harness, calling the sandboxed ``entry_point``."""
+    return run_untrusted(_humaneval_body(problem, completion), timeout_s=timeout_s, memory_mb=memory_mb,
+                         tests=_humaneval_tests(problem), tests_prelude=problem["prompt"],
+                         expose=(problem["entry_point"],), unsafe_exec=unsafe_exec)
 
 
 def _grade_humaneval(problem: dict, text: str, unsafe_exec: bool = False) -> bool:

@@ -15,7 +15,7 @@ from kvjudge.experiments.datasets import load_dataset
 from kvjudge.experiments.config import EvalConfig, parse_methods, parse_seeds
 from kvjudge.experiments.judging import gate_seed, judge_all, permutation, record_key, running_metrics, to_original
 from kvjudge.experiments.protocol import evaluate
-from kvjudge.experiments.sandbox import isolation_level
+from kvjudge.sandbox import isolation_level
 from kvjudge.judges.base import Verdict
 from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.results import ResultsLog

@@ -11,21 +11,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # ground floor first; a folder may import its own modules and those of lower floors only
-FLOORS = {"cache": 0, "models": 0, "judges": 1, "agents": 1, "topologies": 2, "experiments": 3, "app": 4}
+FLOORS = {"cache": 0, "models": 0, "sandbox": 0, "judges": 1, "agents": 1, "topologies": 2, "experiments": 3,
+          "app": 4}
+# self-contained folders: they import no kvjudge module outside themselves, not even from a lower floor
+STANDALONE = {"sandbox"}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, kvjudge module)`` for every import of a kvjudge module in ``path`` (anywhere in it)."""
+    """``(line, kvjudge module)`` for every import of a kvjudge module in ``path`` (anywhere in it);
+    relative imports are resolved against ``path``'s place in the package (``ROOT`` is ``kvjudge``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = ["kvjudge", *path.parent.relative_to(ROOT).parts]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.startswith("kvjudge.")]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvjudge"):
-            if node.module == "kvjudge":
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level <= len(package) else []
+                module = ".".join([*base, *([module] if module else [])])
+            if module == "kvjudge":
                 out += [(node.lineno, f"kvjudge.{a.name}") for a in node.names]
-            else:
-                out.append((node.lineno, node.module))
+            elif module.startswith("kvjudge."):
+                out.append((node.lineno, module))
+            elif node.level:  # above the package root
+                out.append((node.lineno, "kvjudge.." + module))
     return out
 
 
@@ -35,7 +46,13 @@ def _violations() -> list[str]:
         for path in sorted((ROOT / folder).rglob("*.py")):
             for line, module in _imports(path):
                 target = module.split(".")[1]
-                if target == folder or target not in FLOORS:
+                if target == folder:
+                    continue
+                if folder in STANDALONE:
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({folder} imports nothing "
+                               f"from kvjudge outside itself)")
+                    continue
+                if target not in FLOORS:
                     continue
                 if FLOORS[target] >= floor:
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({folder} is floor {floor}, "
@@ -60,6 +77,32 @@ def test_the_guard_catches_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setitem(FLOORS, "cache", 0)
     found = [v for v in _violations() if "bad.py" in v]
     assert found and "cache is floor 0, judges is floor 1" in found[0]
+
+
+@pytest.mark.parametrize("folder, line, floor_msg", [
+    ("sandbox", "from kvjudge.experiments.data import load_humaneval\n", "sandbox imports nothing"),  # up
+    ("sandbox", "import kvjudge.cache.store\n", "sandbox imports nothing"),  # sideways, same floor
+    ("sandbox", "from kvjudge import models\n", "sandbox imports nothing"),
+    ("sandbox", "from ...experiments import datasets\n", "imports kvjudge.experiments"),  # relative, from sandbox/sub/: up
+    ("cache", "from ...judges.prompt import build_prompt\n", "cache is floor 0, judges is floor 1"),
+    ("judges", "from kvjudge.agents import generate\n", "judges is floor 1, agents is floor 1"),  # sideways
+])
+def test_the_guard_catches_imports_that_go_up_or_sideways(tmp_path, monkeypatch, folder, line, floor_msg):
+    fake = tmp_path / folder / "sub"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text(line)
+    (tmp_path / folder / "fine.py").write_text("from . import sub\nfrom .sub import bad\nimport os\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    found = _violations()
+    assert [v for v in found if "bad.py" in v and floor_msg in v], found
+    assert not [v for v in found if "fine.py" in v], found
+
+
+def test_sandbox_imports_nothing_from_kvjudge():
+    found = [(p.relative_to(ROOT), line, m) for p in sorted((ROOT / "sandbox").rglob("*.py"))
+             for line, m in _imports(p) if not m.startswith("kvjudge.sandbox")]
+    assert found == []
+    assert (ROOT / "sandbox" / "programs" / "untrusted.py").is_file()  # the rglob above saw the programs too
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["validate", "progressive_refinement"], ["run", "--help"]])

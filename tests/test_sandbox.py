@@ -9,14 +9,8 @@ import time
 import pytest
 
 from kvjudge.experiments.data import load_humaneval
-from kvjudge.experiments.sandbox import (
-    SandboxResult,
-    build_humaneval_program,
-    check_humaneval,
-    extract_code,
-    isolation_level,
-    run_untrusted,
-)
+from kvjudge.experiments.datasets import build_humaneval_program, check_humaneval, extract_code
+from kvjudge.sandbox import SandboxResult, isolation_level, run_untrusted
 
 CALLER = os.getpid()
 

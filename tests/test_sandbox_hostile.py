@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from kvjudge.experiments import sandbox as sb
+from kvjudge import sandbox as sb
 from kvjudge.experiments.data import load_humaneval
-from kvjudge.experiments.sandbox import SandboxResult, SandboxUnavailable, check_humaneval, run_untrusted
+from kvjudge.experiments.datasets import check_humaneval
+from kvjudge.sandbox import SandboxResult, SandboxUnavailable, isolation, run_untrusted
+from kvjudge.sandbox.run import NPROC
 
 LEVEL = sb.isolation_level()
 ISOLATED = [] if LEVEL == "none" else [lv for lv in ("bwrap", "unshare") if sb.level_available(lv)]
@@ -230,7 +232,7 @@ def test_cannot_write_50mb_outside_its_dir_and_its_dir_is_bounded(level):
         os.unlink(os.path.join(d, f"kvj-big-{tag}"))
     assert not leftovers
     assert res.status == "failed" and "blocked after" in res.detail, res
-    assert int(res.detail.split("after ")[1].split()[0]) <= sb._BOX_BYTES >> 20
+    assert int(res.detail.split("after ")[1].split()[0]) <= isolation.BOX_BYTES >> 20
 
 
 @needs_isolation
@@ -268,7 +270,7 @@ def test_fork_bomb_is_bounded_and_killed(level):
             "raise RuntimeError('forked %d' % n)")
     res = attack(level, code)
     assert res.status == "failed" and "forked" in res.detail, res
-    assert int(res.detail.split("forked ")[1].split()[0]) < sb._NPROC
+    assert int(res.detail.split("forked ")[1].split()[0]) < NPROC
     assert not wait_gone("kvjbomb")
 
 
@@ -287,7 +289,7 @@ def test_double_forked_daemon_is_killed_at_the_end(level):
 # --- no isolation -----------------------------------------------------------------------------------
 
 def test_require_isolation_refuses_without_isolation(monkeypatch):
-    monkeypatch.setattr(sb, "_level_cache", "none")
+    monkeypatch.setattr(isolation, "_level_cache", "none")
     with pytest.raises(SandboxUnavailable) as info:
         sb.require_isolation(False)
     assert str(info.value) == sb.UNAVAILABLE_MESSAGE and "\n" not in str(info.value)
@@ -299,4 +301,4 @@ def test_require_isolation_refuses_without_isolation(monkeypatch):
 
 def test_probe_fails_without_isolation():
     # The probe must be able to say no: unsandboxed, the probe program reaches the host filesystem.
-    assert sb._probe("none") is False
+    assert isolation._probe("none") is False
