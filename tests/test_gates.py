@@ -272,3 +272,35 @@ def test_bench_gates_frontier_on_held_out_problems(tmp_path):
     assert "dg_jkr" in pts
     for f in ("bench_gates.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "out" / f).is_file()
+
+
+def test_selective_under_a_slot_prior_and_the_prior_in_the_gate_identity(llama, tmp_path, monkeypatch):
+    """With a PriDe prior the cheap path's scores are debiased (selective at -inf == naive, debiased) and the
+    identity names the prior, so a gate fitted under one prior is refused under another."""
+    from kvjudge.judges.debias import PriorTable
+    from kvjudge.judges.judge import Judge
+    from kvjudge.judges.prompt import JudgeInputError
+
+    monkeypatch.setenv("KVJUDGE_CACHE", str(tmp_path))
+    judge = Judge(llama, debias="pride")
+    key = judge.prior_key("pride", "judge_prefix", "label", len(CANDIDATES))
+    table = PriorTable(key)
+    for m, prior in (("dense", [-1.0, -1.5, -1.2, -1.8]), ("naive", [-0.5, -2.0, -1.9, -1.7])):
+        table.put(m, prior, 4, ["x"])
+    table.save()
+    judge.reload_priors()
+    raw = Judge(llama).judge(PROBLEM, CANDIDATES, method="naive").scores
+    judge.method("selective", gate=-math.inf)
+    v = judge.judge(PROBLEM, CANDIDATES, method="selective")
+    assert v.scores == pytest.approx([r - p for r, p in zip(raw, [-0.5, -2.0, -1.9, -1.7])], abs=1e-5)
+    ident = judge.method("selective", gate=0.0).fitted_identity(judge.engine, judge.case(PROBLEM, CANDIDATES))
+    assert ident["prior"].startswith("pride:")
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps({"version": 1, "lambda": 0.0, "risk": None, "fitted_for": ident}))
+    judge.method("selective", gate=str(path))
+    assert judge.judge(PROBLEM, CANDIDATES, method="selective").decision["lambda"] == 0.0
+    table.put("naive", [-1.0, -1.0, -1.0, -1.0], 4, ["x"])  # another prior: the same gate is refused
+    table.save()
+    judge.reload_priors()
+    with pytest.raises(JudgeInputError, match="fitted for prior"):
+        judge.judge(PROBLEM, CANDIDATES, method="selective")
