@@ -188,8 +188,8 @@ def needed_methods(name: str, impl: object) -> list[str]:
 def case_prior(case, method: str | None) -> tuple[float, ...] | None:
     """The log prior ``[N]`` to subtract from ``method``'s label scores in ``case`` (``None``: none, the
     scores stay raw). ``case`` is a :class:`~kvjudge.judges.base.JudgeCase`."""
-    if getattr(case, "debias", "none") == "none" or case.output != "label":
-        return None
+    if getattr(case, "debias", "none") == "none" or case.output != "label" or case.prompt.n == 1:
+        return None  # nothing to debias (N = 1: the prior is log 1 = 0)
     if method is None:
         raise PriorError("a judge method scored reused KV without naming itself: pass method= to score_pieces")
     prior = (case.priors or {}).get(method)
