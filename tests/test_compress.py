@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from kvjudge.cache.compress.registry import COMPRESSION_METHODS, PRESSES, CompressError, compress_segment, make_press, select
 from kvjudge.cache.compress.laprox import LaProxPress, laprox_scores
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import CompressedSegment, KVSegment, place, to_cache
 from kvjudge.experiments import compress_bench
@@ -115,7 +116,8 @@ def test_masked_attention_equals_dropping_tokens(setup):
     start = ctx.length + seg.length + glue.length  # positions are not compacted
     with torch.inference_mode():
         out = lm.model(input_ids=torch.tensor([suffix]), position_ids=torch.arange(start, start + len(suffix))[None],
-                       past_key_values=DynamicCache(ddp_cache_data=data, config=lm.model.config), use_cache=True)
+                       **cache_kwargs(lm.model, DynamicCache(ddp_cache_data=data, config=lm.model.config)),
+                       use_cache=True)
     expected = torch.log_softmax(out.logits[0, -1].float(), -1)
     got = _judge_like(runner, ctx, comp, glue, suffix)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import KFold
 from sklearn.metrics import roc_auc_score
 
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.segments import to_cache
 from kvjudge.experiments.diagnostics import DiagnoseError, run_diagnose
 from kvjudge.experiments.diagnostics.attention import _Recorder, answer_attention, method_attention, region_mass
@@ -35,7 +36,7 @@ def _eager_rows(model, ids, past=None) -> torch.Tensor:
     start = sum(s.length for s in past) if past else 0
     with torch.no_grad():
         out = _eager(model)(input_ids=torch.tensor([ids]), position_ids=torch.arange(start, start + len(ids))[None],
-                            past_key_values=to_cache(past, model.config) if past else None, use_cache=True,
+                            **cache_kwargs(model, to_cache(past, model.config) if past else None), use_cache=True,
                             output_attentions=True)
     return torch.stack([a[0, :, -1] for a in out.attentions])
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvjudge.agents.generate import Generator
+from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import place, to_cache
 from kvjudge.judges.candidate import Candidate
@@ -177,7 +178,7 @@ def test_candidate_kv_request_keys_follow_the_mode(llama):
 def _hf_greedy(lm, ids, past, n):
     """Independent greedy decode with transformers' ``generate`` on ``past`` (a cache of ids[:k])."""
     inp = torch.tensor([ids])
-    out = lm.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), past_key_values=past,
+    out = lm.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **cache_kwargs(lm.model, past),
                             max_new_tokens=n, do_sample=False, top_p=None, top_k=None,
                             eos_token_id=lm.tokenizer.eos_token_id, pad_token_id=lm.tokenizer.pad_token_id)
     new = out[0, len(ids):].tolist()

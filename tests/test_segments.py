@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvjudge.cache.compat import output_cache
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import concat, from_cache, place, rotate_keys, to_cache
 
@@ -21,7 +22,7 @@ def _encode_at(lm, ids, offset):
     """KV of ``ids`` run from position ``offset`` (an independent dense pass)."""
     pos = torch.arange(offset, offset + len(ids)).unsqueeze(0)
     out = lm.model(input_ids=torch.tensor([ids]), position_ids=pos, use_cache=True)
-    return from_cache(out.past_key_values)
+    return from_cache(output_cache(out))
 
 
 def test_reindex_matches_encoding_at_new_position(tiny):
