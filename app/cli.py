@@ -19,6 +19,7 @@ from pathlib import Path
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
 from kvjudge.judges.catalog import DEFAULT_METHODS, METHOD_ORDER
+from kvjudge.judges.debias import DEBIAS_MODES
 
 MAX_TEXT_BYTES = 1 << 20  # what ``@path`` may read
 
@@ -136,6 +137,17 @@ def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None
     p.add_argument("--judge-output", choices=OUTPUT_MODES, default=None,
                    help="label: read the label's log-probability; generate: decode an answer and parse the number")
     p.add_argument("--judge-max-tokens", type=int, default=None, help="tokens a generated judge answer may take (256)")
+    _add_debias(p, permutations=True)
+
+
+def _add_debias(p: argparse.ArgumentParser, permutations: bool = False) -> None:
+    """``--judge-debias`` (and ``--judge-permutations``): position-debiased judging (kvjudge.judges.debias)."""
+    p.add_argument("--judge-debias", choices=DEBIAS_MODES, default=None,
+                   help="none; pride or content_free: label scores minus each method's slot prior saved by "
+                        "kvjudge calibrate (generate output: pride is the vote over every rotation)")
+    if permutations:
+        p.add_argument("--judge-permutations", type=int, default=None,
+                       help="K > 1: judge K cyclic rotations of the candidates, the highest summed score wins (1)")
 
 
 def build_parser() -> Parser:
@@ -158,6 +170,7 @@ def build_parser() -> Parser:
 
     _run_parsers(sub)
     _analysis_parsers(sub)
+    _calibrate_parser(sub)
     _bench_parsers(sub)
     _gate_parsers(sub)
     return root
@@ -209,6 +222,9 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     _add_judge_modes(e, "agent")
     e.add_argument("--gate-arm", default="naive", help="the random gate's reuse arm: naive, kvcomm or pal_kv")
     e.add_argument("--compress", default=None, help="token-compress stored candidate KV: METHOD:RATIO (kept fraction), e.g. laprox:0.25")
+    e.add_argument("--calibrate-on", type=int, default=0, metavar="K",
+                   help="with --judge-debias: estimate the slot priors on the first K problems of the order and "
+                        "judge and score only the rest (summary.json lists them under config.calibration)")
     e.add_argument("--unsafe-exec", action="store_true",
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
     _add_method_options(e, gate=True)
@@ -232,6 +248,7 @@ def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
     add_sampling(g, "candidate sets")
     g.add_argument("--dataset", default=None, help="the dataset task ids refer to (default: from the task id)")
     g.add_argument("--out", default=None, help="output folder (default runs/diagnose)")
+    _add_debias(g)
     g.set_defaults(func=cmd_diagnose)
 
     d = sub.add_parser("dashboard", help="attach to the live dashboard of a run on a Ray cluster")
@@ -255,6 +272,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     bj.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="judge_prefix",
                     help="where candidate KV comes from (default judge_prefix)")
     bj.add_argument("--json", action="store_true")
+    _add_debias(bj, permutations=True)
     _add_method_options(bj)
     bj.set_defaults(func=cmd_bench_judge)
 
@@ -283,6 +301,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--limit", type=int, default=None, help="first N candidate sets")
     bc.add_argument("--out", default=None, help="folder for compress.json and the plot (default runs/bench-compress)")
     bc.add_argument("--json", action="store_true")
+    _add_debias(bc)
     bc.set_defaults(func=cmd_bench_compress)
     _bench_gates_parser(bsub)
 
@@ -306,7 +325,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         raise JudgeInputError("no candidates to judge: give at least one --candidate")
     candidates = _with_agent_prompts(texts, [read_text(p) for p in args.agent_prompt], args.candidate_kv)
     judge = Judge(load_model(args.model, device=args.device), method=args.method, candidate_kv=args.candidate_kv,
-                  output=args.judge_output or "label", max_new_tokens=args.judge_max_tokens or 256)
+                  output=args.judge_output or "label", max_new_tokens=args.judge_max_tokens or 256,
+                  debias=args.judge_debias or "none", permutations=args.judge_permutations or 1)
     for name, opts in options.items():
         judge.method(name, **opts)
     verdict = judge.judge(problem, candidates)
@@ -365,7 +385,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     replicas = _replicas(args.replicas)
     topo = load_topology(resolve_topology(args.file))
     modes = {k: v for k, v in (("candidate_kv", args.candidate_kv), ("output", args.judge_output),
-                               ("max_tokens", args.judge_max_tokens)) if v is not None}
+                               ("max_tokens", args.judge_max_tokens), ("debias", args.judge_debias),
+                               ("permutations", args.judge_permutations)) if v is not None}
+    positive("judge-permutations", args.judge_permutations)
     if modes:
         positive("judge-max-tokens", args.judge_max_tokens)
         topo = topo.model_copy(update={"judge": topo.judge.model_copy(update=modes)})
@@ -408,7 +430,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
         gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
         offset=args.offset, sample_seed=args.sample_seed, temperature=args.temperature,
-        generation_seed=args.generation_seed,
+        generation_seed=args.generation_seed, judge_debias=args.judge_debias or "none",
+        judge_permutations=args.judge_permutations or 1, calibrate_on=args.calibrate_on,
     )
     cfg.method_options = method_options_of(args) or None
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
@@ -442,6 +465,61 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """``calibrate``: the judge's slot priors for ``--judge-debias``."""
+    c = sub.add_parser("calibrate", help="estimate and save the judge's slot priors per method (for --judge-debias)")
+    c.add_argument("dataset", nargs="?", choices=["humaneval", "gsm8k", "mmlu"], default=None,
+                   help="generate candidates for this benchmark as eval does (or: the data set a --candidates "
+                        "file's task ids refer to)")
+    _add_model(c, default="smollm2-135m")
+    c.add_argument("--candidates", default=None, help="a candidates.jsonl to estimate on (skips generation)")
+    c.add_argument("--data", default=None, help="read the data set from this JSONL(.gz) instead of its package")
+    c.add_argument("--limit", type=int, default=None, help="N candidate sets (in the sampling order)")
+    add_sampling(c, "candidate sets")
+    c.add_argument("--methods", default="dense",
+                   help="comma-separated judge methods; a gate stands for the methods it runs (default dense)")
+    c.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent",
+                   help="where candidate KV comes from (default agent)")
+    c.add_argument("--judge-output", choices=OUTPUT_MODES, default="label", help="label (priors are for label output)")
+    c.add_argument("--judge-debias", choices=DEBIAS_MODES[1:], default="pride",
+                   help="pride: every set under all N cyclic rotations (default); content_free: every candidate "
+                        "replaced by a content-free text")
+    c.add_argument("--topology", default="progressive_refinement",
+                   help="generates the candidates, or rebuilds agent prompts a file lacks (default progressive_refinement)")
+    c.add_argument("--out", default=None, help="where generated candidates go (default runs/calibrate-<dataset>)")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.calibrate import estimate, generated_file, items_from_file, render, save
+    from kvjudge.judges.judge import Judge
+    from kvjudge.models import load_model
+
+    positive("limit", args.limit)
+    nonnegative("offset", args.offset)
+    methods = _names("methods", args.methods, METHOD_ORDER, "judge method")
+    if args.candidates is None and args.dataset is None:
+        raise UserError("give --candidates FILE, or a data set (humaneval, gsm8k, mmlu) to generate candidates for")
+    if args.judge_output != "label":
+        raise UserError("slot priors are for label output; in generate output pride is the permutation vote and "
+                        "needs no prior")
+    path, limit, offset = args.candidates, args.limit, args.offset
+    if path is None:  # generate the sets as eval does; they are then taken whole
+        out = Path(args.out) if args.out else default_out(args.dataset, "calibrate-")
+        path = generated_file(args.dataset, args.model, out, args.limit, args.offset, args.data, args.topology,
+                              args.candidate_kv, args.sample_seed, args.device)
+        limit, offset = None, 0
+    elif not Path(path).expanduser().is_file():
+        raise UserError(f"--candidates: file not found: {path}")
+    judge = Judge(load_model(args.model, device=args.device), candidate_kv=args.candidate_kv)
+    items = items_from_file(Path(path).expanduser(), judge, limit, offset, args.dataset, args.topology,
+                            args.sample_seed)
+    tables = estimate(judge, items, methods, args.judge_debias,
+                      progress=lambda line: print(f"calibrate: {line}", file=sys.stderr))
+    print(render(tables, save(tables)))
+    return 0
+
+
 def cmd_bench_judge(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -453,7 +531,8 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
         positive(flag.replace("_", "-"), getattr(args, flag))
     result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods, args.device,
                          progress=not args.json, candidate_kv=args.candidate_kv,
-                         method_options=method_options_of(args))
+                         method_options=method_options_of(args), debias=args.judge_debias or "none",
+                         permutations=args.judge_permutations or 1)
     if args.json:
         print(json.dumps(result))
     else:
@@ -494,7 +573,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / "diagnose"
     result = run_diagnose(args.kind, args.candidates, args.model, methods, args.candidate_kv, parse_seeds(args.seeds),
                           args.limit, out, dataset=args.dataset, topology=args.topology, offset=args.offset,
-                          sample_seed=args.sample_seed)
+                          sample_seed=args.sample_seed, debias=args.judge_debias or "none")
     print(f"-> {result['report']}")
     return 0
 
@@ -512,7 +591,7 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / "bench-compress"
     result = bench_compress(path, args.model, methods, _floats("ratios", args.ratios), judge_methods,
                             candidate_kv=args.candidate_kv, seeds=parse_seeds(args.seeds), limit=args.limit,
-                            out_dir=out, dataset=args.dataset)
+                            out_dir=out, dataset=args.dataset, debias=args.judge_debias or "none")
     if args.json:
         print(json.dumps(result))
         return 0
