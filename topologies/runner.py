@@ -180,6 +180,7 @@ class Orchestrator:
         self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
             self.judge_model, j.method, j.method_kwargs(), STORE_NAME, NAMESPACE, 1,
             candidate_kv=j.candidate_kv, output=j.output, max_new_tokens=j.max_tokens,
+            debias=j.debias, permutations=j.permutations,
         )
         threads = max(1, int(res.agent_num_cpus) or 1)
         compress = store.compress.model_dump() if store.compress is not None else None
