@@ -70,6 +70,11 @@ def _kappa_ci(r: dict) -> str:
     return "–" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _kp(k: float | None, p_e: float | None) -> str:
+    """Kappa with the chance agreement it corrects for: ``+0.21 (26.0)``."""
+    return _kappa(k) + ("" if p_e is None else f" ({100 * p_e:.1f})")
+
+
 def _kci(r: dict) -> str:
     """Kappa with its bootstrap CI: ``+0.21 [+0.05, +0.37]``."""
     return _kappa(r.get("kappa")) + ("" if not r.get("kappa_ci") else " " + _kappa_ci(r))
@@ -121,6 +126,7 @@ def regime_rows(summary: dict, out_dir: Path | None) -> list[dict]:
             "regime": REGIME_NAMES.get(stem, stem), "run": str(d) if d else "",
             "temperature": s["config"].get("temperature"), "dg_jkr": dg and dg["jcr"],
             "dg_jkr_kappa": dg and dg.get("kappa"), "random_gate_kappa": rg and rg.get("kappa"),
+            "dg_jkr_p_e": dg and dg.get("p_e"), "random_gate_p_e": rg and rg.get("p_e"),
             "random_gate": rg and rg["jcr"], "gap": (dg["jcr"] - rg["jcr"]) if dg and rg else None,
             "coverage": dg and dg.get("coverage"), "p_value": sig and sig["p_value"],
             "significant": sig and sig["significant"],
@@ -205,12 +211,14 @@ def _table2(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
         gap = "–" if r["gap"] is None else f"{100 * r['gap']:+.2f}"
         temp = "" if r.get("temperature") is None else f", T = {r['temperature']}"
-        rows.append([f"{r['regime']} (ours{temp})", _pct(r["dg_jkr"]), _kappa(r.get("dg_jkr_kappa")),
-                     _pct(r["random_gate"]), _kappa(r.get("random_gate_kappa")), gap, _pct(r["coverage"]),
+        rows.append([f"{r['regime']} (ours{temp})", _pct(r["dg_jkr"]), _kp(r.get("dg_jkr_kappa"), r.get("dg_jkr_p_e")),
+                     _pct(r["random_gate"]), _kp(r.get("random_gate_kappa"), r.get("random_gate_p_e")), gap,
+                     _pct(r["coverage"]),
                      f"{sig} (p = {p})"])
     for row in PAPER["table2"]:
         rows.append([f"{row[0]} (paper)", row[1], "–", row[2], "–", *row[3:]])
-    lines += _table(["Regime", "DG-JKR JCR (%)", "DG-JKR Kappa", "Random JCR (%)", "Random Kappa", "Gap (pp)",
+    lines += _table(["Regime", "DG-JKR JCR (%)", "DG-JKR Kappa (p_e %)", "Random JCR (%)", "Random Kappa (p_e %)",
+                     "Gap (pp)",
                      "Coverage (%)", "Significant?"], rows)
     sig = summary.get("significance") or {}
     if sig:
@@ -232,8 +240,9 @@ def _table3(summary: dict, order: list[str], out_dir: Path | None) -> list[str]:
         p = PAPER["table3"].get(m, ("–", "–"))
         kms = r.get("kappa_mean_std")
         rows.append([_name(m), _pct(r["jcr_f"]), _pm(r.get("jcr_f_mean_std")), _pct(r.get("precision_f")),
-                     _pm(r.get("jcr_mean_std")), "–" if not kms else f"{kms[0]:+.2f} ± {kms[1]:.2f}", p[0], p[1]])
-    lines += _table(["Method", "JCR-F (%)", "JCR-F mean ± std", "Precision-F (%)", "JCR mean ± std",
+                     _pm(r.get("jcr_mean_std")), _pct(r.get("p_e")),
+                     "–" if not kms else f"{kms[0]:+.2f} ± {kms[1]:.2f}", p[0], p[1]])
+    lines += _table(["Method", "JCR-F (%)", "JCR-F mean ± std", "Precision-F (%)", "JCR mean ± std", "p_e (%)",
                      "Kappa mean ± std", "Paper JCR-F", "Paper Precision-F"], rows)
     return lines
 
