@@ -132,9 +132,9 @@ class _Recorder:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def score_pieces(self, case: JudgeCase, segs: list[KVSegment]) -> Outcome:
+    def score_pieces(self, case: JudgeCase, segs: list[KVSegment], method: str | None = None) -> Outcome:
         self.assembled = list(segs)
-        return self._engine.score_pieces(case, segs)
+        return self._engine.score_pieces(case, segs, method)
 
 
 def method_attention(judge: Judge, case: JudgeCase, method: str) -> tuple[torch.Tensor, Outcome, bool]:
