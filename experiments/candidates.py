@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvjudge.experiments.config import EvalConfig
-from kvjudge.experiments.data import iter_jsonl
+from kvjudge.experiments.data import IdRegistry, iter_jsonl
 from kvjudge.topologies import load_topology, resolve_topology
+from kvjudge.topologies.manifest import file_digest
 from kvjudge.topologies.results import read_records
 from kvjudge.topologies.plan import ProblemPlan
 from kvjudge.topologies.runner import RunError, run
@@ -35,6 +36,7 @@ class CandidateSet:
     token_ids: list[list[int]] | None = None
     prompt_ids: list[list[int]] | None = None
     model_id: str | None = None
+    line: int | None = field(default=None, compare=False)  # where a candidates file holds it (messages)
 
     def candidate(self, i: int, model_id: str | None = None) -> dict:
         """Candidate ``i`` for an ``agent``-mode judge on ``model_id`` (a :class:`Candidate` as a dict)."""
@@ -47,14 +49,21 @@ class CandidateSet:
 
 
 def load_candidates(path: str | Path) -> dict[str, CandidateSet]:
-    """Read ``{"task_id", "candidates": [texts], "sources": [agent ids]}`` lines (``sources`` optional)."""
+    """Read ``{"task_id", "candidates": [texts], "sources": [agent ids]}`` lines (``sources`` optional).
+
+    Each ``task_id`` once (a string, or an integer read as its digits; ``1`` and ``"1"`` are the same
+    id, so both in one file is an error naming the lines); texts are valid Unicode (no lone surrogate);
+    ``token_ids`` / ``prompt_ids`` are lists of non-negative integers (the judge checks them against
+    its vocabulary and the candidate's text)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"--candidates: file not found: {path}")
     out: dict[str, CandidateSet] = {}
+    ids = IdRegistry(path, "task_id")
     for n, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or "task_id" not in rec:
             raise ValueError(f"{path}:{n}: each line needs a \"task_id\" and a list \"candidates\"")
+        tid = ids.add(rec["task_id"], n)
         cands = rec.get("candidates")
         if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
             raise ValueError(f"{path}:{n}: \"candidates\" must be a non-empty list of strings")
@@ -72,13 +81,18 @@ def load_candidates(path: str | Path) -> dict[str, CandidateSet]:
                 continue
             if not isinstance(value, list) or len(value) != len(cands) or not all(isinstance(v, kind) for v in value):
                 raise ValueError(f"{path}:{n}: \"{key}\" must be a list with one entry per candidate")
+            if kind is list and not all(_token_list(v) for v in value):
+                raise ValueError(f"{path}:{n}: \"{key}\" must hold lists of token ids (integers >= 0)")
             extra[key] = value
-        tid = str(rec["task_id"])
         out[tid] = CandidateSet(tid, list(cands), [str(s) for s in sources], problem,
-                                model_id=rec.get("model_id"), **extra)
+                                model_id=rec.get("model_id"), line=n, **extra)
     if not out:
         raise ValueError(f"--candidates: {path} holds no candidates")
     return out
+
+
+def _token_list(value: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
 def write_candidates(path: Path, sets: Iterable[CandidateSet]) -> None:
@@ -150,9 +164,21 @@ def generate_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporte
     # asks the agents for no extra prefill (what the eval needs of them is their prompt and answer ids).
     topo = topo.model_copy(update={"judge": JudgeSpec(method="dense", candidate_kv="agent")})
     try:
-        run(topo, problems, cfg.out / "generation", model=cfg.model, resume=cfg.resume, reporter=reporter)
+        run(topo, problems, cfg.out / "generation", model=cfg.model, resume=cfg.resume, reporter=reporter,
+            source=data_source(cfg))
     except RunError as exc:
         raise ValueError(f"generation: {exc}") from exc
+
+
+def data_source(cfg: EvalConfig) -> str:
+    """Where the eval's problems come from, for the folder's manifest: the dataset's package, or a
+    ``--data`` file by its hash."""
+    if not cfg.data:
+        return f"{cfg.dataset} package"
+    path = Path(cfg.data).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--data: file not found: {path}")
+    return f"{cfg.dataset} file:{file_digest(path)}"
 
 
 def generation_records(gen_dir: Path) -> list[dict]:

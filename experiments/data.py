@@ -33,7 +33,7 @@ from decimal import Decimal, InvalidOperation
 __all__ = [
     "DataError", "PACKAGES", "ALIASES", "load_humaneval", "load_gsm8k", "load_mmlu",
     "check_gsm8k", "check_mmlu", "extract_last_number", "extract_choice", "gsm8k_final_answer",
-    "mmlu_letter", "package_data_path", "gsm8k_answer", "sample_rows",
+    "mmlu_letter", "package_data_path", "ROW_FIELDS", "read_rows", "iter_jsonl", "problem_id", "IdRegistry", "gsm8k_answer", "sample_rows",
 ]
 
 
@@ -74,24 +74,108 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """``(line number, value)`` for each non-blank line of a JSONL (or ``.jsonl.gz``) file.
 
     A missing file or a line that is not JSON raises a one-line :class:`DataError` naming it.
+    Text is decoded strictly: a byte that is not UTF-8 is a :class:`DataError` naming the line and
+    the byte offset in the (decompressed) file, and a string holding a lone surrogate (``"\\ud800"``,
+    which JSON allows but no text can carry) one naming the line.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+    offset = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset "
+                                    f"{start + exc.start})") from None
+                if not line:
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+                if _SURROGATE_ESCAPE.search(line) and not _is_text(value):
+                    raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (e.g. \"\\ud800\"), not text")
+                yield lineno, value
+    except (OSError, EOFError) as exc:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    return [row for _, row in iter_jsonl(path)]
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only a \uD800-\uDFFF escape can make a surrogate
+
+
+def _is_text(value: object) -> bool:
+    """Whether every string in a JSON value encodes to UTF-8 (no lone surrogate)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# the fields every row of a data set's file must have, and their JSON types: checked for each data set
+# alike by :func:`read_rows` (the registry in :mod:`.datasets` lists them per data set)
+ROW_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "humaneval": {k: (str,) for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")},
+    "gsm8k": {"question": (str,), "answer": (str,)},
+    "mmlu": {**{k: (str,) for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d")},
+             "correct_answer": (str, int)},
+}
+_JSON_TYPE = {str: "a string", int: "an integer"}
+
+
+def read_rows(name: str, path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of data set ``name``'s JSONL file, each row checked against
+    ``ROW_FIELDS[name]``: an object with every field, of its type; anything else is a one-line
+    :class:`DataError` naming the line."""
+    fields = ROW_FIELDS[name]
+    rows = []
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{os.fspath(path)}:{n}: a {name} row must be a JSON object, not {type(row).__name__}")
+        for key, types in fields.items():
+            if key not in row:
+                raise DataError(f"{os.fspath(path)}:{n}: {name} row without field {key!r} "
+                                f"(needs {', '.join(fields)})")
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise DataError(f"{os.fspath(path)}:{n}: {name} field {key!r} must be "
+                                f"{' or '.join(_JSON_TYPE[t] for t in types)}, not {type(value).__name__}")
+        rows.append((n, row))
+    return rows
+
+
+def problem_id(value: object, where: str) -> str:
+    """A problem id as the string every file and record uses: a JSON string as is, an integer as its
+    digits (so ``1`` and ``"1"`` name the same problem, and :class:`IdRegistry` refuses a file that
+    holds both); anything else is a one-line :class:`DataError` naming ``where``."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: an id must be a non-empty string or an integer, not {json.dumps(value)[:40]}")
+
+
+class IdRegistry:
+    """The ids of one file, each allowed once: :meth:`add` is a one-line :class:`DataError` naming both
+    lines when an id repeats (``1`` and ``"1"`` included: ids are strings)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "id") -> None:
+        self.path, self.what = os.fspath(path), what
+        self.lines: dict[str, tuple[int, object]] = {}
+
+    def add(self, value: object, line: int) -> str:
+        key = problem_id(value, f"{self.path}:{line}")
+        if key in self.lines:
+            first, raw = self.lines[key]
+            how = "" if type(raw) is type(value) else f" (written {json.dumps(raw)} there: ids are strings)"
+            raise DataError(f"{self.path}:{line}: {self.what} {json.dumps(value)} repeats line {first}{how}")
+        self.lines[key] = (line, value)
+        return key
 
 
 def _limit(rows: list[dict], limit: int | None) -> list[dict]:
@@ -103,13 +187,11 @@ def _limit(rows: list[dict], limit: int | None) -> list[dict]:
 def load_humaneval(path: str | None = None, limit: int | None = None) -> list[dict]:
     """HumanEval (164): ``id`` = ``task_id``, ``prompt``, ``answer`` = ``canonical_solution``;
     keeps ``task_id``, ``test``, ``entry_point``, ``canonical_solution``."""
-    rows = _read_jsonl(path or package_data_path("humaneval"))
-    out = []
-    for r in rows:
-        try:
-            out.append({"id": r["task_id"], "prompt": r["prompt"], "answer": r["canonical_solution"], **r})
-        except KeyError as exc:
-            raise DataError(f"HumanEval row without field {exc}") from None
+    source = path or package_data_path("humaneval")
+    out, ids = [], IdRegistry(source, "task_id")
+    for n, r in read_rows("humaneval", source):
+        ids.add(r["task_id"], n)
+        out.append({"id": r["task_id"], "prompt": r["prompt"], "answer": r["canonical_solution"], **r})
     return _limit(out, limit)
 
 
@@ -125,14 +207,15 @@ def load_gsm8k(path: str | None = None, limit: int | None = None) -> list[dict]:
     """GSM8K test (1,319): ``id`` = ``gsm8k/<row>``, ``prompt`` = ``question``, ``answer`` = the
     final number (``gsm8k_final_answer``); the original ``answer`` text (rationale + ``#### N``)
     is kept as ``solution``, the question as ``question``."""
-    rows = _read_jsonl(path or package_data_path("gsm8k"))
+    source = path or package_data_path("gsm8k")
     out = []
-    for i, r in enumerate(rows):
+    for i, (n, r) in enumerate(read_rows("gsm8k", source)):
         try:
-            out.append({"id": f"gsm8k/{i}", "prompt": r["question"], "answer": gsm8k_final_answer(r["answer"]),
-                        "question": r["question"], "solution": r["answer"]})
-        except KeyError as exc:
-            raise DataError(f"GSM8K row {i} without field {exc}") from None
+            final = gsm8k_final_answer(r["answer"])
+        except DataError as exc:
+            raise DataError(f"{source}:{n}: {exc}") from None
+        out.append({"id": f"gsm8k/{i}", "prompt": r["question"], "answer": final, "question": r["question"],
+                    "solution": r["answer"]})
     return _limit(out, limit)
 
 
@@ -178,17 +261,17 @@ def load_mmlu(path: str | None = None, limit: int | None = None) -> list[dict]:
     ``"A. <answer_a>"`` .. ``"D. <answer_d>"`` one per line; ``answer`` = letter
     (``mmlu_letter``); keeps ``question``, ``choices`` (list of 4), ``topic`` and the original
     ``answer_a``..``answer_d``, ``correct_answer``."""
-    rows = _read_jsonl(path or package_data_path("mmlu"))
+    source = path or package_data_path("mmlu")
     out = []
-    for r in rows:
+    for n, r in read_rows("mmlu", source):
         if _is_header_row(r):
             continue
+        choices = [str(r[k]) for k in _CHOICE_KEYS]
+        question = str(r["question"])
         try:
-            choices = [str(r[k]) for k in _CHOICE_KEYS]
-            question = str(r["question"])
             letter = mmlu_letter(r["correct_answer"], choices)
-        except KeyError as exc:
-            raise DataError(f"MMLU row without field {exc}") from None
+        except DataError as exc:
+            raise DataError(f"{source}:{n}: {exc}") from None
         prompt = question + "\n" + "\n".join(f"{_LETTERS[j]}. {c}" for j, c in enumerate(choices))
         out.append({**r, "id": f"mmlu/{len(out)}", "prompt": prompt, "answer": letter,
                     "question": question, "choices": choices, "topic": r.get("topic")})
@@ -287,6 +370,7 @@ def check_mmlu(candidate_text: str, letter: str) -> bool:
     """True when ``extract_choice(candidate_text)`` equals ``letter`` (case-insensitive)."""
     got = extract_choice(candidate_text or "")
     return got is not None and got == str(letter).strip().upper()
+
 
 # --- representative samples ----------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from kvjudge.experiments.data import (
     ALIASES,
+    ROW_FIELDS,
     DataError,
+    IdRegistry,
     check_gsm8k,
     check_mmlu,
     extract_choice,
@@ -45,6 +47,12 @@ class Dataset:
     sandboxed: bool = False
     answer: Callable[[str], str | None] | None = None
     strata: str | None = None
+
+    @property
+    def fields(self) -> dict[str, tuple[type, ...]]:
+        """The fields (and JSON types) every row of its file must have; its loader reads the file with
+        :func:`~kvjudge.experiments.data.read_rows`, which refuses any other row in one line."""
+        return ROW_FIELDS[self.name]
 
 
 # --- HumanEval: the candidate's code runs in the sandbox, the dataset's tests in its trusted harness ---
@@ -207,11 +215,11 @@ def load_problems(spec: str, limit: int | None = None, offset: int = 0, sample_s
         path = Path(spec).expanduser()
         if not path.is_file():
             raise DataError(f"--problems {spec!r}: neither a dataset ({', '.join(DATASETS)}) nor a JSONL file")
-        problems = []
+        problems, ids = [], IdRegistry(path)
         for n, item in iter_jsonl(path):
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
                 raise DataError(f"{path}:{n}: each line needs an \"id\" and a string \"prompt\"")
-            problems.append({**item, "id": str(item["id"])})
+            problems.append({**item, "id": ids.add(item["id"], n)})  # ids are strings, each once
         problems = sample_rows(problems, limit, offset, sample_seed)
     if not problems:
         raise DataError(f"--problems {spec!r} holds no problems")

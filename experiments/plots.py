@@ -32,10 +32,13 @@ def plot_jcr_vs_coverage(summary: dict, path: Path) -> Path:
     for i, m in enumerate(_order(ms)):
         r = ms[m]
         x = r["coverage"] if r.get("coverage") is not None else r["reuse_rate"]
-        y = r["jcr"]
-        lo, hi = r["jcr_ci"]
-        ax.errorbar([100 * x], [100 * y], yerr=[[100 * (y - lo)], [100 * (hi - y)]], fmt="o", color=colors(i),
-                    capsize=3, label=METHOD_NAMES.get(m, m))
+        y = r.get("jcr")
+        if y is None or x is None:  # undefined (e.g. no generated answer named a candidate): no point, "n/a"
+            ax.scatter([], [], color=colors(i), label=f"{METHOD_NAMES.get(m, m)}: JCR n/a")
+        else:
+            lo, hi = r.get("jcr_ci") or (y, y)
+            ax.errorbar([100 * x], [100 * y], yerr=[[100 * (y - lo)], [100 * (hi - y)]], fmt="o", color=colors(i),
+                        capsize=3, label=METHOD_NAMES.get(m, m))
         p = PAPER["points"].get(m)
         if p is not None:
             ax.scatter([p[0]], [p[1]], facecolors="none", edgecolors=colors(i), marker="s", s=45)

@@ -26,6 +26,7 @@ import torch
 
 from kvjudge.experiments.candidates import (
     CandidateSet,
+    data_source,
     generate_candidates,
     generated_sets,
     generation_records,
@@ -45,6 +46,7 @@ from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models import LoadedModel, load_model
 from kvjudge.topologies import load_topology, resolve_topology
+from kvjudge.topologies.manifest import check_manifest, file_digest, topology_digest
 from kvjudge.topologies.results import ResultsLog
 from kvjudge.topologies.telemetry import Reporter
 
@@ -78,11 +80,11 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     t_start, timings = time.perf_counter(), {}
     check_output(cfg)
     sandbox = sandbox_for(cfg.dataset, cfg.unsafe_exec)  # refuse unisolated code execution before any work
-    if sandbox and verbose:
-        print(f"generated code is graded in the sandbox (isolation: {sandbox})", file=sys.stderr)
     # the sampling order (MMLU: stratified over subjects); with --candidates, --offset/--limit apply to its problems
     problems = load_dataset(cfg.dataset, path=cfg.data, limit=None if cfg.candidates else cfg.limit,
                             offset=0 if cfg.candidates else cfg.offset, sample_seed=cfg.sample_seed)
+    if sandbox and verbose:  # after the data loaded: a bad row stays a one-line error
+        print(f"generated code is graded in the sandbox (isolation: {sandbox})", file=sys.stderr)
     with _timed(timings, "generation_s"):
         problems, sets, source = collect_candidates(cfg, problems, reporter or _Silent(), verbose)
     with _timed(timings, "grading_s"):
@@ -120,9 +122,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     timings["total_s"] = time.perf_counter() - t_start
     config = run_config(cfg, lm, sets, task_ids, passes, source, used, skipped, timings)
     config["sandbox_isolation"] = sandbox
+    config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration)
     config.update(offset=cfg.offset, sample_seed=cfg.sample_seed, **sampling_settings(cfg),
                   sample=describe_sample(cfg.dataset, problems, cfg.limit, cfg.offset, cfg.sample_seed))
-    config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration)
     summary = {"config": config, **summary}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_plots(summary, cfg.out)
@@ -140,6 +142,29 @@ def check_output(cfg: EvalConfig) -> None:
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"--out {cfg.out} is not a folder")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    written = [cfg.out / "results.jsonl", cfg.out / "candidates.jsonl", cfg.out / "generation" / "results.jsonl"]
+    check_manifest(cfg.out, eval_manifest(cfg), any(p.is_file() and p.stat().st_size for p in written))
+
+
+def eval_manifest(cfg: EvalConfig) -> dict:
+    """What the folder's records depend on (see :mod:`kvjudge.topologies.manifest`): a resume with any
+    other value is refused; seeds, methods and ``--limit`` may grow."""
+    try:
+        topo = load_topology(resolve_topology(cfg.topology))
+        name, topo_hash = topo.name, topology_digest(topo)
+    except ValueError:  # with --candidates the topology only labels the regime
+        name, topo_hash = cfg.topology, None
+    generated = cfg.candidates is None
+    return {"command": "eval", "dataset": cfg.dataset, "data": data_source(cfg), "topology": name,
+            "model": cfg.model, "candidate_kv": cfg.candidate_kv,
+            "judge_output": cfg.judge_output,
+            "judge_max_tokens": cfg.judge_max_tokens if cfg.judge_output == "generate" else None,
+            "compress": cfg.compress, "gate_arm": cfg.gate_arm, "judge_debias": cfg.judge_debias,
+            "judge_permutations": cfg.judge_permutations, "calibrate_on": cfg.calibrate_on,
+            "candidates": "generated" if generated else file_digest(cfg.candidates),
+            "temperature": getattr(cfg, "temperature", None) if generated else None,
+            "generation_seed": getattr(cfg, "generation_seed", None) if generated else None,
+            "topology_hash": topo_hash}  # last: a difference is named by the most specific field
 
 
 def collect_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter,
@@ -156,6 +181,7 @@ def collect_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter
     texts = {str(p["id"]): p["prompt"] for p in problems}
     if cfg.candidates is not None:
         sets = load_candidates(cfg.candidates)
+        check_task_ids(cfg, sets, problems)
         problems = [p for p in problems if str(p["id"]) in sets]
         if not problems:
             raise ValueError(f"--candidates: no task_id of {cfg.candidates} is a {cfg.dataset} problem")
@@ -183,6 +209,16 @@ def collect_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporter
     problems = [p for p in problems if str(p["id"]) in sets]
     write_candidates(cand_path, [sets[str(p["id"])] for p in problems])
     return problems, sets, (f"generated with {cfg.topology}" if todo or not have else str(cand_path))
+
+
+def check_task_ids(cfg: EvalConfig, sets: dict[str, CandidateSet], problems: list[dict]) -> None:
+    """A one-line error naming the line of the first candidate set whose task id is not a problem of
+    the data set (a typo such as ``humaneval/1`` would otherwise drop the set without a word)."""
+    known = {str(p["id"]) for p in problems}
+    for tid, cs in sets.items():
+        if tid not in known:
+            hint = f" (its ids look like {str(problems[0]['id'])!r})" if problems else ""
+            raise ValueError(f"{cfg.candidates}:{cs.line}: task_id {tid!r} is not a {cfg.dataset} problem{hint}")
 
 
 def judgeable(judge: Judge, problems: list[dict], sets: dict[str, CandidateSet]) -> tuple[list[dict], dict]:

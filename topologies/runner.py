@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,6 +28,7 @@ from kvjudge.cache.store_actor import get_or_create_store
 from kvjudge.judges.actor import JudgeActor, judge_options
 from kvjudge.models.sim import is_sim_spec
 from kvjudge.topologies.cluster import NAMESPACE, ClusterError, check_feasible, connect
+from kvjudge.topologies.manifest import check_manifest, run_manifest
 from kvjudge.topologies.plan import ProblemPlan
 from kvjudge.topologies.results import ResultsLog
 from kvjudge.topologies.schema import Topology
@@ -150,10 +152,14 @@ class Orchestrator:
         res = self.topology.resources
         # an embedded Ray gets logical CPUs for every replica asked for (they may oversubscribe the cores)
         asked = 1 if self.replicas_arg in (None, "", "auto") else max(1, int(self.replicas_arg))
+        if not self.address and not ray.is_initialized():
+            check_machine(asked, self.models, float(res.agent_num_cpus))
         want = math.ceil(asked * len(self.models) * res.agent_num_cpus) + 1
+        on_term = signal.getsignal(signal.SIGTERM)
         sim_only = all(is_sim_spec(m) for m in [*self.models, self.judge_model])  # no torch tensor in the run
         self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want),
                                     torch_tensors=not sim_only)
+        keep_sigterm(on_term)
         try:
             agent_req = {"CPU": res.agent_num_cpus}
             for m in self.models:
@@ -393,6 +399,30 @@ class Orchestrator:
         self.reporter.agent(agent, "done", tokens=r["tokens"], tokens_per_s=r["tokens_per_s"])
 
 
+SIM_REPLICAS_PER_CORE = 4  # simulated agents sleep instead of computing: a core holds a few
+
+
+def check_machine(replicas: int, models: list[str], agent_num_cpus: float) -> None:
+    """An embedded Ray is given a logical CPU for every replica asked for, so Ray itself never refuses
+    too many: bound them by this machine's real cores instead (each replica is a process; simulated
+    ones sleep, :data:`SIM_REPLICAS_PER_CORE` a core), a one-line :class:`RunError` before Ray starts."""
+    cores = os.cpu_count() or 1
+    per_core = SIM_REPLICAS_PER_CORE if all(is_sim_spec(m) for m in models) else 1
+    most = max(1, int(cores * per_core // (len(models) * max(1.0, agent_num_cpus))))
+    if replicas > most:
+        raise RunError(f"{replicas} agent replica(s) x {len(models)} model(s) do not fit this machine's {cores} "
+                       f"CPU(s): the embedded Ray runs at most {most} per model here; ask for fewer --replicas, "
+                       "or run on a cluster (--address)")
+
+
+def keep_sigterm(handler: Any) -> None:
+    """Put ``handler`` back as the SIGTERM handler when it is a Python one (the CLI's: SIGTERM taken like
+    Ctrl-C). Ray internals: ``ray.init`` installs Python SIGTERM handlers of its own, and its C++ core
+    worker a failure-signal handler that dumps a native stack and aborts (exit 134)."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def default_concurrency(topology: Topology, replicas: int) -> int:
     """Enough problems in flight to keep every replica busy: each problem has at most one request
     per agent outstanding, and a replica batches what it gets."""
@@ -410,17 +440,23 @@ def run(
     reporter: Reporter,
     concurrency: int | None = None,
     replicas: int | str | None = None,
+    source: str | None = None,
 ) -> dict:
-    """Run ``problems`` through ``topology``; returns ``{"done", "failed", "skipped", "results"}``."""
+    """Run ``problems`` (from ``source``: a dataset name or a file's hash, for the manifest) through
+    ``topology``; returns ``{"done", "failed", "skipped", "retried", "results", "ok_total",
+    "failed_total"}``: this call's counts (``retried``: failed before, run again), then the log's, the
+    latest record per id counted once (a retried problem's new line supersedes its failed one)."""
     results = ResultsLog(Path(out_dir) / "results.jsonl", key=lambda r: str(r["id"]))
     try:
         if results.records and not resume:
             raise RunError(f"{results.path} exists: pass --resume to continue it, or choose another --out")
-        skip = {str(r["id"]) for r in results.records if r.get("status") == "ok"} if resume else set()
+        check_manifest(results.path.parent, run_manifest(topology, model, source), bool(results.records))
+        skip = {str(r["id"]) for r in results.latest() if r.get("status") == "ok"} if resume else set()
         todo = [p for p in problems if str(p["id"]) not in skip]
-        counts = {"done": 0, "failed": 0, "skipped": len(problems) - len(todo), "results": str(results.path)}
+        counts = {"done": 0, "failed": 0, "skipped": len(problems) - len(todo),
+                  "retried": sum(str(p["id"]) in results for p in todo), "results": str(results.path)}
         if not todo:
-            return counts
+            return _totals(results, counts)
         pub = MetricsPublisher(reporter)
         locked = _Locked(pub)
         orch = Orchestrator(topology, model=model, address=address, replicas=replicas, reporter=locked)
@@ -437,9 +473,15 @@ def run(
         finally:
             locked.close()
             orch.stop()
-        return counts
+        return _totals(results, counts)
     finally:
         results.close()
+
+
+def _totals(results: ResultsLog, counts: dict) -> dict:
+    """``counts`` with the log's totals: the latest record of each id, counted once."""
+    latest = [r.get("status") for r in results.latest()]
+    return {**counts, "ok_total": latest.count("ok"), "failed_total": len(latest) - latest.count("ok")}
 
 
 def _drive(orch: Orchestrator, todo: list[dict], results: ResultsLog, counts: dict, width: int,
