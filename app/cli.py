@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
@@ -26,6 +28,19 @@ MAX_TEXT_BYTES = 1 << 20  # what ``@path`` may read
 
 class UserError(ValueError):
     """An error caused by the user's input; printed as one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken the way Ctrl-C is (what was written stays, actors are shut down), exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def stop_code(exc: KeyboardInterrupt) -> tuple[int, str]:
+    """Exit code and word for an interrupt: 143 ``terminated`` (SIGTERM), 130 ``interrupted`` (Ctrl-C)."""
+    return (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,11 +64,58 @@ def read_text(value: str) -> str:
             data = fh.read(MAX_TEXT_BYTES + 1)
         if len(data) > MAX_TEXT_BYTES:
             raise UserError(f"cannot read {str(path)!r}: larger than {MAX_TEXT_BYTES >> 20} MiB")
-        return data.decode("utf-8")
+        return data.decode("utf-8")  # strict: a bad byte is refused, never replaced
     except OSError as exc:
         raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError:
-        raise UserError(f"cannot read {str(path)!r}: not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read {str(path)!r}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte "
+                        f"offset {exc.start})") from None
+
+
+def checked_text(flag: str, value: str) -> str:
+    """``value`` when it is valid Unicode text; a one-line error naming ``flag`` when it holds a lone
+    surrogate (what Python makes of undecodable command-line bytes, or a JSON ``"\\ud800"``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{flag}: not valid text (a lone surrogate or undecodable byte at character {exc.start})") \
+            from None
+    return value
+
+
+def judge_max_tokens(value: int | None, default: int = 256) -> int:
+    """``--judge-max-tokens`` in 1..4096 (the topology schema's bound); ``default`` when not given."""
+    from kvjudge.topologies.schema import MAX_JUDGE_TOKENS
+
+    if value is None:
+        return default
+    if not 1 <= value <= MAX_JUDGE_TOKENS:
+        raise UserError(f"--judge-max-tokens must be in 1..{MAX_JUDGE_TOKENS}, got {value}")
+    return value
+
+
+def checked_device(value: str | None) -> str | None:
+    """``--device`` checked against what this torch has (imports torch: call it in a handler)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"--device {value}: this machine has no CUDA device (torch sees none); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {value}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {value}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {value}: only cpu, cuda and mps devices are supported")
+    return value
 
 
 def default_out(name: str, prefix: str = "") -> Path:
@@ -319,13 +381,16 @@ def cmd_judge(args: argparse.Namespace) -> int:
     options = method_options_of(args)
     for name, opts in {args.method: {}, **options}.items():
         make_method(name, **opts)  # unknown method or options: fail before loading a model
-    problem = read_text(args.problem)
-    texts = [read_text(c) for c in args.candidate]
+    max_tokens = judge_max_tokens(args.judge_max_tokens)
+    device = checked_device(args.device)
+    problem = checked_text("--problem", read_text(args.problem))
+    texts = [checked_text(f"--candidate {i}", read_text(c)) for i, c in enumerate(args.candidate, start=1)]
     if not texts:
         raise JudgeInputError("no candidates to judge: give at least one --candidate")
-    candidates = _with_agent_prompts(texts, [read_text(p) for p in args.agent_prompt], args.candidate_kv)
-    judge = Judge(load_model(args.model, device=args.device), method=args.method, candidate_kv=args.candidate_kv,
-                  output=args.judge_output or "label", max_new_tokens=args.judge_max_tokens or 256,
+    prompts = [checked_text(f"--agent-prompt {i}", read_text(p)) for i, p in enumerate(args.agent_prompt, start=1)]
+    candidates = _with_agent_prompts(texts, prompts, args.candidate_kv)
+    judge = Judge(load_model(args.model, device=device), method=args.method, candidate_kv=args.candidate_kv,
+                  output=args.judge_output or "label", max_new_tokens=max_tokens,
                   debias=args.judge_debias or "none", permutations=args.judge_permutations or 1)
     for name, opts in options.items():
         judge.method(name, **opts)
@@ -364,13 +429,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _replicas(value: str | None) -> int | str | None:
+    """``--replicas`` N in 1..256 (the topology schema's bound) or ``auto``; what the cluster can hold is
+    checked when the run starts (:meth:`~kvjudge.topologies.runner.Orchestrator.start`)."""
+    from kvjudge.topologies.schema import MAX_REPLICAS
+
     if value is None or value == "auto":
         return value
     try:
         n = int(value)
     except ValueError:
         raise UserError(f"--replicas must be a number or auto, got {value!r}") from None
-    positive("replicas", n)
+    if not 1 <= n <= MAX_REPLICAS:
+        raise UserError(f"--replicas must be in 1..{MAX_REPLICAS} or auto, got {n}")
     return n
 
 
@@ -384,12 +454,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     positive("concurrency", args.concurrency)
     replicas = _replicas(args.replicas)
     topo = load_topology(resolve_topology(args.file))
+    if args.judge_max_tokens is not None:
+        judge_max_tokens(args.judge_max_tokens)
     modes = {k: v for k, v in (("candidate_kv", args.candidate_kv), ("output", args.judge_output),
                                ("max_tokens", args.judge_max_tokens), ("debias", args.judge_debias),
                                ("permutations", args.judge_permutations)) if v is not None}
     positive("judge-permutations", args.judge_permutations)
     if modes:
-        positive("judge-max-tokens", args.judge_max_tokens)
         topo = topo.model_copy(update={"judge": topo.judge.model_copy(update=modes)})
     if args.compress is not None:
         from kvjudge.topologies.schema import CompressSpec
@@ -402,13 +473,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(topo.name)
     try:
         counts = run(topo, problems, out, model=args.model, address=args.address, resume=args.resume,
-                     reporter=choose_reporter(args.no_dashboard), concurrency=args.concurrency, replicas=replicas)
-    except KeyboardInterrupt:
-        print(f"interrupted: finished problems are in {out / 'results.jsonl'} (continue with --resume)",
+                     reporter=choose_reporter(args.no_dashboard), concurrency=args.concurrency, replicas=replicas,
+                     source=problems_source(args.problems))
+    except KeyboardInterrupt as exc:
+        code, word = stop_code(exc)
+        print(f"{word}: finished problems are in {out / 'results.jsonl'} (continue with --resume)",
               file=sys.stderr)
-        return 130
-    print(f"{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped -> {counts['results']}")
+        return code
+    retried = f" ({counts['retried']} retried)" if counts.get("retried") else ""
+    print(f"{counts['done']} done, {counts['failed']} failed{retried}, {counts['skipped']} skipped -> "
+          f"{counts['results']} ({counts['ok_total']} ok, {counts['failed_total']} failed: the latest record of "
+          "each problem)")
     return 1 if counts["failed"] and not counts["done"] else 0
+
+
+def problems_source(spec: str) -> str:
+    """What ``--problems`` names, for the run's manifest: a dataset's name, or ``file:`` + the file's hash."""
+    from kvjudge.experiments.datasets import get_dataset, is_dataset
+    from kvjudge.topologies.manifest import file_digest
+
+    if is_dataset(spec):
+        return get_dataset(spec).name
+    return "file:" + file_digest(Path(spec).expanduser())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -426,8 +512,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset, out=Path(args.out) if args.out else default_out(args.dataset, "eval-"),
         topology=args.topology, model=args.model, methods=args.methods, seeds=args.seeds, limit=args.limit,
         candidates=Path(args.candidates).expanduser() if args.candidates else None, data=args.data,
-        resume=args.resume, device=args.device, candidate_kv=args.candidate_kv,
-        judge_output=args.judge_output or "label", judge_max_tokens=args.judge_max_tokens or 256,
+        resume=args.resume, device=checked_device(args.device), candidate_kv=args.candidate_kv,
+        judge_output=args.judge_output or "label", judge_max_tokens=judge_max_tokens(args.judge_max_tokens),
         gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
         offset=args.offset, sample_seed=args.sample_seed, temperature=args.temperature,
         generation_seed=args.generation_seed, judge_debias=args.judge_debias or "none",
@@ -438,10 +524,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
     try:
         summary = evaluate(cfg, reporter=reporter, progress=EvalProgress())
-    except KeyboardInterrupt:
-        print(f"interrupted: judged triples are in {cfg.out / 'results.jsonl'} (continue with --resume)",
+    except KeyboardInterrupt as exc:
+        code, word = stop_code(exc)
+        print(f"{word}: judged triples are in {cfg.out / 'results.jsonl'} (continue with --resume)",
               file=sys.stderr)
-        return 130
+        return code
     print(console_table(summary))
     print(f"-> {cfg.out / 'summary.json'}, {cfg.out / 'report.md'}, {cfg.out / 'results.jsonl'}")
     return 0
@@ -507,11 +594,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if path is None:  # generate the sets as eval does; they are then taken whole
         out = Path(args.out) if args.out else default_out(args.dataset, "calibrate-")
         path = generated_file(args.dataset, args.model, out, args.limit, args.offset, args.data, args.topology,
-                              args.candidate_kv, args.sample_seed, args.device)
+                              args.candidate_kv, args.sample_seed, checked_device(args.device))
         limit, offset = None, 0
     elif not Path(path).expanduser().is_file():
         raise UserError(f"--candidates: file not found: {path}")
-    judge = Judge(load_model(args.model, device=args.device), candidate_kv=args.candidate_kv)
+    judge = Judge(load_model(args.model, device=checked_device(args.device)), candidate_kv=args.candidate_kv)
     items = items_from_file(Path(path).expanduser(), judge, limit, offset, args.dataset, args.topology,
                             args.sample_seed)
     tables = estimate(judge, items, methods, args.judge_debias,
@@ -529,7 +616,8 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for flag in ("candidates", "candidate_tokens", "repeats"):
         positive(flag.replace("_", "-"), getattr(args, flag))
-    result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods, args.device,
+    result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods,
+                         checked_device(args.device),
                          progress=not args.json, candidate_kv=args.candidate_kv,
                          method_options=method_options_of(args), debias=args.judge_debias or "none",
                          permutations=args.judge_permutations or 1)
@@ -563,6 +651,15 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_on(model: str, device: str | None):
+    """``model`` as a name (loaded where the command likes), or loaded on the checked ``--device``."""
+    if device is None:
+        return model
+    from kvjudge.models import load_model
+
+    return load_model(model, device=checked_device(device))
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from kvjudge.experiments.config import parse_seeds
     from kvjudge.experiments.diagnostics import run_diagnose
@@ -571,7 +668,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     nonnegative("offset", args.offset)
     methods = _names("methods", args.methods, METHOD_ORDER, "judge method")
     out = Path(args.out) if args.out else Path("runs") / "diagnose"
-    result = run_diagnose(args.kind, args.candidates, args.model, methods, args.candidate_kv, parse_seeds(args.seeds),
+    result = run_diagnose(args.kind, args.candidates, _model_on(args.model, args.device), methods, args.candidate_kv, parse_seeds(args.seeds),
                           args.limit, out, dataset=args.dataset, topology=args.topology, offset=args.offset,
                           sample_seed=args.sample_seed, debias=args.judge_debias or "none")
     print(f"-> {result['report']}")
@@ -589,7 +686,8 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
     methods = _names("methods", args.methods, COMPRESSION_METHODS, "compression method")
     judge_methods = _names("judge-methods", args.judge_methods, METHOD_ORDER, "judge method")
     out = Path(args.out) if args.out else Path("runs") / "bench-compress"
-    result = bench_compress(path, args.model, methods, _floats("ratios", args.ratios), judge_methods,
+    result = bench_compress(path, _model_on(args.model, args.device), methods, _floats("ratios", args.ratios),
+                            judge_methods,
                             candidate_kv=args.candidate_kv, seeds=parse_seeds(args.seeds), limit=args.limit,
                             out_dir=out, dataset=args.dataset, debias=args.judge_debias or "none")
     if args.json:
@@ -685,7 +783,7 @@ def cmd_calibrate_gate(args: argparse.Namespace) -> int:
         raise UserError(f"--candidates: file not found: {args.candidates}")
     gate = calibrate_gate(Path(args.candidates).expanduser(), args.out, args.model, args.alpha, args.delta, args.score,
                           args.cheap, args.candidate_kv, args.judge_debias, args.data, args.offset, args.limit,
-                          parse_seeds(args.seeds), args.fit_share, args.device,
+                          parse_seeds(args.seeds), args.fit_share, checked_device(args.device),
                           progress=lambda d: print(f"calibrating {d}", file=sys.stderr))
     lam = "inf (nothing passed: every call falls back to dense)" if gate["lambda"] is None else f"{gate['lambda']:.4g}"
     print(f"lambda {lam}: {gate['accepted']} of {gate['n']} calibration calls accepted, {gate['errors']} disagree; "
@@ -706,7 +804,7 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     result = bench_gates(Path(args.calibration).expanduser(), Path(args.test).expanduser(), out, args.model,
                          _floats("alphas", args.alphas), args.delta, args.cheap, args.data_calibration, args.data_test,
                          args.candidate_kv, args.judge_debias, parse_seeds(args.seeds), args.limit_calibration,
-                         args.limit_test, args.fit_share, not args.no_dg_jkr, args.device,
+                         args.limit_test, args.fit_share, not args.no_dg_jkr, checked_device(args.device),
                          progress=None if args.json else (lambda d: print(f"judging {d}", file=sys.stderr)))
     if args.json:
         print(json.dumps(result))
@@ -720,17 +818,24 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM takes Ctrl-C's path (the Ray runner puts this handler back after Ray installs its own)
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("kvjudge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code, word = stop_code(exc)
+        print(f"kvjudge: {word}", file=sys.stderr)
+        return code
     except (ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         if os.environ.get("KVJUDGE_DEBUG"):
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"kvjudge {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
