@@ -17,7 +17,10 @@ methods run again; prefix and glue stay whole. Per point (``method``, ``ratio``,
 uncompressed, ``accuracy`` (GSM8K / MMLU), ``store_bytes`` (the compressed candidates' bytes, each
 distinct candidate once; ``store_ratio`` over the uncompressed bytes), ``latency_ms`` and
 ``score_shift``: the mean absolute change of the candidates' label log-probabilities against the same
-judge method uncompressed (nats; finer than a changed winner).
+judge method uncompressed (nats; finer than a changed winner). For gate methods (DG-JKR, the random
+gate) ``fallback_rate`` is the share of calls the gate sent to dense, and for methods that measure
+anchors ``measured_rate`` the share of calls that ran a dense prefill to measure them (None otherwise):
+how much of its signal a gate keeps on compressed KV.
 
 Stateful judge methods (KVCOMM's anchor pools and reuse decisions, DG-JKR's and the random gate's
 arms, the gate's RNG) judge every point of a set from the very state they had when the set's
@@ -133,8 +136,8 @@ def _restore_methods(judge: Judge, state: dict) -> None:
 
 
 def _judge_all(judge: Judge, b: BenchSet, seeds: Sequence[int], methods: Sequence[str]) -> dict:
-    """``{(seed, method): (original winner, latency_ms, label log-probs in original order)}`` on each
-    seed's shuffle of ``b``."""
+    """``{(seed, method): (original winner, latency_ms, label log-probs in original order, gate, decision)}``
+    on each seed's shuffle of ``b`` (``gate`` / ``decision`` as the verdict reports them)."""
     out = {}
     for seed in seeds:
         perm = permutation(seed, b.cs.task_id, len(b.cs.candidates))
@@ -144,8 +147,20 @@ def _judge_all(judge: Judge, b: BenchSet, seeds: Sequence[int], methods: Sequenc
             scores = [0.0] * len(perm)
             for slot, orig in enumerate(perm):
                 scores[orig] = v.scores[slot]
-            out[(seed, m)] = (to_original(perm, v.winner), v.latency_ms, scores)
+            out[(seed, m)] = (to_original(perm, v.winner), v.latency_ms, scores, v.gate, v.decision)
     return out
+
+
+def _gate_counts(row: dict, gate: str | None, decision: dict | None) -> None:
+    """Append one call's gate outcome and anchor measuring to ``row`` (``fallback`` / ``measured`` lists)."""
+    if gate is not None:
+        row.setdefault("fallback", []).append(gate == "fallback")
+    if decision and "measured" in decision:
+        row.setdefault("measured", []).append(bool(decision["measured"]))
+
+
+def _rate(flags: list | None) -> float | None:
+    return sum(flags) / len(flags) if flags else None
 
 
 def bench_compress(
@@ -211,6 +226,7 @@ def bench_compress(
                 bm["winners"].append(ref[(seed, m)][0])
                 bm["dense"].append(ref[(seed, "dense")][0])
                 bm["latency"].append(ref[(seed, m)][1])
+                _gate_counts(bm, *ref[(seed, m)][3:])
                 if grades:
                     bm["correct"].append(grades[ref[(seed, m)][0]])
         for method in methods:
@@ -224,7 +240,7 @@ def bench_compress(
                         try:
                             got.update(_judge_all(judge, b, seeds, [m]))
                         except Exception as exc:  # e.g. a method that edits candidate KV token by token
-                            got.update({(seed, m): (None, float("nan"), None) for seed in seeds})
+                            got.update({(seed, m): (None, float("nan"), None, None, None) for seed in seeds})
                             rows.setdefault((method, float(ratio), m), {}).setdefault("error", f"{type(exc).__name__}: {exc}")
                 finally:  # the uncompressed KV back for the next point
                     for k, seg in dense_segs.items():
@@ -233,7 +249,8 @@ def bench_compress(
                     row = rows.setdefault((method, float(ratio), m), {})
                     row["bytes"] = row.get("bytes", 0) + nbytes
                     for seed in seeds:
-                        w, lat, scores = got[(seed, m)]
+                        w, lat, scores, gate, decision = got[(seed, m)]
+                        _gate_counts(row, gate, decision)
                         if scores is not None:  # how far the label log-probs moved (nats, mean over candidates)
                             row.setdefault("shift", []).append(
                                 sum(abs(x - y) for x, y in zip(scores, ref[(seed, m)][2])) / len(scores))
@@ -275,10 +292,12 @@ def _summary(rows: dict, base: dict, dense_bytes: int, model_id: str, path: str 
             "store_bytes": row["bytes"], "store_ratio": row["bytes"] / dense_bytes if dense_bytes else None,
             "latency_ms": sum(lat) / len(lat) if lat else None,
             "score_shift": sum(row["shift"]) / len(row["shift"]) if row.get("shift") else None,
+            "fallback_rate": _rate(row.get("fallback")), "measured_rate": _rate(row.get("measured")),
         })
     uncompressed = {m: {"jcr": jcr(bm["winners"], bm["dense"]),
                         "accuracy": sum(bm["correct"]) / len(bm["correct"]) if bm["correct"] else None,
-                        "store_bytes": dense_bytes, "latency_ms": sum(bm["latency"]) / len(bm["latency"])}
+                        "store_bytes": dense_bytes, "latency_ms": sum(bm["latency"]) / len(bm["latency"]),
+                        "fallback_rate": _rate(bm.get("fallback")), "measured_rate": _rate(bm.get("measured"))}
                     for m, bm in base.items()}
     return {"model": model_id, "candidates": str(path), "candidate_kv": mode, "problems": problems,
             "seeds": list(seeds), "methods": list(methods), "ratios": [float(r) for r in ratios],

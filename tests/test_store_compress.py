@@ -172,6 +172,7 @@ def test_bench_compress_agent_mode(tmp_path, lm):
         dg = pts[(method, 1.0, "dg_jkr")]
         assert dg["jcr_vs_uncompressed"] == 1.0 and dg["score_shift"] < 1e-6
         assert dg["jcr"] == out["uncompressed"]["dg_jkr"]["jcr"]
+        assert dg["fallback_rate"] == out["uncompressed"]["dg_jkr"]["fallback_rate"]
     saved = json.loads((tmp_path / "out" / "compress.json").read_text())
     assert saved["points"] == json.loads(json.dumps(out["points"]))
     assert (tmp_path / "out" / "compress_jcr.png").is_file()
