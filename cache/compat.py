@@ -23,7 +23,10 @@ runs the internals tests against the newest release the ranges allow):
   ``position_embeddings`` = post-scaling ``(cos, sin)``, the cache via :func:`hook_cache`) and its
   attributes ``q_proj`` / ``k_proj`` / ``o_proj`` / ``q_norm`` / ``k_norm`` / ``head_dim`` /
   ``scaling`` / ``layer_idx``: ``experiments/diagnostics/attention.py`` (``answer_rows``),
-  ``experiments/diagnostics/hybrid.py`` (``key_deviation``), ``cache/compress/observe.py`` (``grab``);
+  ``cache/probe.py`` (``fresh_keys``, the layer-1 key probe of ``partial``'s blend, ``selective``'s
+  risk features and ``diagnose hybrid``), ``cache/compress/observe.py`` (``grab``);
+* a 4-D additive ``attention_mask`` passed to the model is used as given (``masking_utils``'s early exit):
+  ``cache/encoder.py`` (``KVRunner.forward_partial``, the ``partial`` method);
 * the masked attention function registered with ``AttentionInterface`` /
   ``AttentionMaskInterface`` (``config._attn_implementation``, ``ALL_ATTENTION_FUNCTIONS``,
   ``sdpa_attention_forward``) and ``MaskedCache(DynamicCache).update``: ``cache/compress/attention.py``;

@@ -20,10 +20,10 @@ from kvjudge.cache.segments import rotate_half
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's attention modules in layer order (modules with ``q_proj`` and ``layer_idx``)."""
-    mods = [m for _, m in model.named_modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    """The decoder's attention modules in layer order (those with ``q_proj`` / ``o_proj`` / ``layer_idx``)."""
+    mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj") and hasattr(m, "layer_idx")]
     if not mods:
-        raise ValueError(f"{type(model).__name__}: no attention modules with q_proj / layer_idx found")
+        raise ValueError(f"{type(model).__name__}: no attention modules with q_proj/o_proj found")
     return sorted(mods, key=lambda m: m.layer_idx)
 
 

@@ -121,16 +121,13 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
 
 
 def kappa(a: Sequence[int | None], b: Sequence[int | None]) -> float | None:
-    """Cohen's kappa of two judges' winners on the same calls: ``(p_o - p_e) / (1 - p_e)`` with ``p_e``
-    from their winner marginals (calls where either is ``None`` left out; ``None`` when undefined)."""
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    if not pairs:
+    """Cohen's kappa of two judges' winners on the same calls (:func:`kvjudge.experiments.metrics.cohen_kappa`:
+    calls where either is ``None`` left out; ``None`` when undefined or when no call has both)."""
+    from kvjudge.experiments.metrics import cohen_kappa
+
+    if not any(x is not None and y is not None for x, y in zip(a, b)):
         return None
-    n = len(pairs)
-    po = sum(x == y for x, y in pairs) / n
-    labels = {x for x, _ in pairs} | {y for _, y in pairs}
-    pe = sum((sum(x == k for x, _ in pairs) / n) * (sum(y == k for _, y in pairs) / n) for k in labels)
-    return None if pe >= 1 else (po - pe) / (1 - pe)
+    return cohen_kappa(a, b)
 
 
 def binomial_margin(alpha: float, n: int, z: float = 1.959963984540054) -> float:

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from kvjudge.cache.compat import cache_kwargs
+from kvjudge.cache.probe import attention_modules
 from kvjudge.cache.segments import KVSegment, rotate_half
 
 
@@ -28,14 +29,6 @@ class Observation:
     context_length: int
     window: int
     context: KVSegment | None = None
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's attention modules in layer order (those with ``q_proj`` / ``o_proj`` / ``layer_idx``)."""
-    mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj") and hasattr(m, "layer_idx")]
-    if not mods:
-        raise ValueError(f"{type(model).__name__}: no attention modules with q_proj/o_proj found")
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 @torch.inference_mode()

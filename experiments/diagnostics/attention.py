@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kvjudge.cache.compat import cache_kwargs, hook_cache
+from kvjudge.cache.probe import attention_modules
 from kvjudge.cache.segments import KVSegment, rotate_half, to_cache
 from kvjudge.experiments.diagnostics.common import (
     Call, Progress, case_of, figure, mean, run_method, save, truncated, validate_methods,
@@ -35,14 +36,6 @@ from kvjudge.judges.prompt import JudgePrompt
 
 REUSE_METHODS = ("naive", "kvcomm", "pal_kv")  # methods that answer from one assembled cache
 REST = ("prefix", "glue", "suffix")
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's attention modules in layer order (modules with ``q_proj`` and ``layer_idx``)."""
-    mods = [m for _, m in model.named_modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
-    if not mods:
-        raise ValueError(f"{type(model).__name__}: no attention modules with q_proj / layer_idx found")
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def _row(module: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from kvjudge.cache.compat import cache_kwargs
-from kvjudge.cache.segments import rotate_half, to_cache
-from kvjudge.experiments.diagnostics.attention import attention_modules
+from kvjudge.cache.probe import attention_modules, fresh_keys
+from kvjudge.cache.segments import to_cache
 from kvjudge.experiments.diagnostics.common import Call, Progress, case_of, figure, label_scores, mean, save
 from kvjudge.judges.base import JudgeCase
 from kvjudge.judges.judge import Judge
@@ -67,41 +67,13 @@ def hybrid_logprobs(judge: Judge, case: JudgeCase, recompute: Sequence[int]) -> 
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
 
-class _Stop(Exception):
-    """Ends the probe's forward once layer 1's input is known."""
-
-
 @torch.inference_mode()
 def key_deviation(judge: Judge, case: JudgeCase) -> list[float]:
     """Per slot: mean over the candidate's tokens of ``||k_real - k_reused||`` (layer 1 keys, all KV heads,
     post-RoPE), ``k_real`` from a prefill of the whole prompt that stops before layer 1's attention."""
     model = judge.runner.model
-    mods = attention_modules(model)
-    attn = mods[1] if len(mods) > 1 else mods[0]
-    layer = attn.layer_idx
-    got: dict[str, torch.Tensor] = {}
-
-    def probe(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
-        D = module.head_dim if hasattr(module, "head_dim") else cos.shape[-1]
-        k = module.k_proj(hidden).view(1, hidden.shape[1], -1, D)
-        if getattr(module, "k_norm", None) is not None:
-            k = module.k_norm(k)
-        k = k.transpose(1, 2).float()  # [1, Hkv, T, D]
-        c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-        got["keys"] = (k * c + rotate_half(k) * s)[0]  # [Hkv, T, D]
-        raise _Stop
-
-    ids = case.prompt.ids()
-    handle = attn.register_forward_pre_hook(probe, with_kwargs=True)
-    try:
-        model(input_ids=torch.tensor([ids], device=judge.runner.device), use_cache=False, logits_to_keep=1)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    real = got["keys"]
+    layer = 1 if len(attention_modules(model)) > 1 else 0
+    real = fresh_keys(model, case.prompt.ids(), layer)  # [H_kv, T, D]
     devs = [0.0] * case.prompt.n
     for kind, slot, seg in judge.engine.pieces(case):
         if kind == "candidate":

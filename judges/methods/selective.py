@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from kvjudge.cache.compress.observe import attention_modules
-from kvjudge.cache.segments import CompressedSegment, rotate_half
+from kvjudge.cache.probe import attention_modules, fresh_keys
+from kvjudge.cache.segments import CompressedSegment
 from kvjudge.judges import methods as registry  # the registry package (attribute read at call time)
 from kvjudge.judges.base import JudgeCase, Outcome
 from kvjudge.judges.catalog import CHEAP_SHORTHAND, GATE_METHODS, method_options
@@ -135,44 +135,15 @@ def key_deviation(engine: JudgeEngine, case: JudgeCase) -> tuple[list[float | No
     ``k_judge`` comes from a prefill of the whole prompt that stops before that layer's attention.
     Returns ``(deviations [N], why unavailable or None)``; a token-compressed candidate gets ``None``."""
     model = engine.runner.model
-    mods = attention_modules(model)
-    if len(mods) <= PROBE_LAYER:
+    if len(attention_modules(model)) <= PROBE_LAYER:
         return [None] * case.prompt.n, f"the model has no layer {PROBE_LAYER}"
-    attn = mods[PROBE_LAYER]
-    got: dict[str, torch.Tensor] = {}
-
-    class _Stop(Exception):
-        pass
-
-    def probe(module, args, kwargs):
-        # Library internals (cache/compat.py lists them): the attention module's keyword arguments
-        # ``hidden_states`` / ``position_embeddings`` (post-scaling cos, sin) and k_proj / k_norm / head_dim.
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
-        d = getattr(module, "head_dim", cos.shape[-1])
-        k = module.k_proj(hidden).view(1, hidden.shape[1], -1, d)
-        if getattr(module, "k_norm", None) is not None:
-            k = module.k_norm(k)
-        k = k.transpose(1, 2).float()  # [1, H_kv, T, D]
-        c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-        got["keys"] = (k * c + rotate_half(k) * s)[0]  # [H_kv, T, D]
-        raise _Stop
-
-    ids = case.prompt.ids()
-    handle = attn.register_forward_pre_hook(probe, with_kwargs=True)
-    try:
-        model(input_ids=torch.tensor([ids], device=engine.runner.device), use_cache=False, logits_to_keep=1)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    real = got["keys"]
+    real = fresh_keys(model, case.prompt.ids(), PROBE_LAYER)  # [H_kv, T, D]
     devs: list[float | None] = [None] * case.prompt.n
     for kind, slot, seg in engine.pieces(case):
         if kind != "candidate" or isinstance(seg, CompressedSegment) or seg.length == 0:
             continue
         fresh = real[:, seg.start:seg.start + seg.length]  # [H_kv, n, D]
-        diff = (fresh - seg.keys[attn.layer_idx].float()).pow(2).sum(dim=(0, 2))  # [n]
+        diff = (fresh - seg.keys[PROBE_LAYER].float().to(fresh.device)).pow(2).sum(dim=(0, 2))  # [n]
         ref = fresh.pow(2).sum(dim=(0, 2)).mean().clamp_min(1e-12)
         devs[slot] = float(diff.mean() / ref)
     why = None if any(d is not None for d in devs) else "every candidate's KV is token-compressed"
