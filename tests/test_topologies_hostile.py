@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
-from kvjudge.topologies import loader
+from kvjudge.topologies import checks, loader
 from kvjudge.topologies.loader import load_topology, load_topology_text, resolve_topology, validate_file
 from kvjudge.topologies.schema import (
     MAX_CANDIDATES,
@@ -347,7 +347,7 @@ def test_new_keys_accept_their_values():
     for replicas in ("auto", 1, 256):
         assert load_topology_text(BASE + f"resources: {{agent_replicas: {replicas}}}\n").resources.agent_replicas \
             == replicas
-    for method in loader.COMPRESSION_METHODS:
+    for method in checks.COMPRESSION_METHODS:
         store = load_topology_text(BASE + f"store: {{compress: {{method: {method}, ratio: 0.25}}}}\n").store
         assert (store.compress.method, store.compress.ratio) == (method, 0.25)
     assert load_topology_text(BASE + "store: {compress: {method: snapkv, ratio: 1}}\n").store.compress.ratio == 1.0
@@ -385,7 +385,7 @@ def test_replicas_and_compress_are_checked(extra, path, words):
 
 
 def test_compression_methods_come_from_the_torch_free_catalog():
-    assert loader.COMPRESSION_METHODS is COMPRESSION_METHODS and "none" in COMPRESSION_METHODS
+    assert checks.COMPRESSION_METHODS is COMPRESSION_METHODS and "none" in COMPRESSION_METHODS
 
 
 # ---------------------------------------------------------------- validate stays light

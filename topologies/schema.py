@@ -2,7 +2,7 @@
 
 A topology is a YAML mapping. Unknown keys at any level are errors (with a did-you-mean hint).
 Every number is bounded and every float finite (``.inf`` / ``.nan`` are refused); the file itself
-is capped (:mod:`.loader`: 1 MiB, nesting depth 64, anchors/aliases expanded to at most 100,000
+is capped (:mod:`.yaml_reader`: 1 MiB, nesting depth 64, anchors/aliases expanded to at most 100,000
 nodes, no recursive aliases).
 
 Required keys:
@@ -210,8 +210,8 @@ class StoreSpec(_Strict):
 class ResourcesSpec(_Strict):
     judge_resource: Optional[str] = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     agent_num_cpus: float = Field(default=1.0, ge=0, le=MAX_RESOURCE)
-    judge_num_gpus: Union[Literal["auto"], float] = "auto"  # range checked in the loader (one clear message)
-    agent_replicas: Union[Literal["auto"], int] = 1  # range checked in the loader
+    judge_num_gpus: Union[Literal["auto"], float] = "auto"  # range checked in checks.py (one clear message)
+    agent_replicas: Union[Literal["auto"], int] = 1  # range checked in checks.py
 
 
 class Topology(_Strict):
