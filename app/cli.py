@@ -235,6 +235,7 @@ def build_parser() -> Parser:
     _calibrate_parser(sub)
     _bench_parsers(sub)
     _gate_parsers(sub)
+    _env_parser(sub)
     return root
 
 
@@ -549,6 +550,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print("detached from the dashboard (the run goes on)", file=sys.stderr)
         return 0
     print(why, file=sys.stderr)
+    return 0
+
+
+def _env_parser(sub: argparse._SubParsersAction) -> None:
+    """``env``: versions, tested set, device, sandbox and model cache, for a bug report."""
+    e = sub.add_parser("env", help="versions (and the tested set), device, sandbox, model cache: for bug reports")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_env)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from kvjudge.app.envinfo import collect, render
+
+    info = collect()
+    print(json.dumps(info, indent=1) if args.json else render(info))
     return 0
 
 
