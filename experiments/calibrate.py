@@ -14,6 +14,7 @@ A reuse method's call that answered from a dense prefill (KVCOMM measuring a new
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,6 @@ def save(tables: Sequence[PriorTable], root: Path | None = None) -> list[Path]:
 
 def render(tables: Sequence[PriorTable], paths: Sequence[Path]) -> str:
     """The priors as text: per key its path, per method the prior probability of each slot (%)."""
-    import math
-
     lines = []
     for table, path in zip(tables, paths):
         lines.append(f"{table.key.describe()}\n  -> {path}")
