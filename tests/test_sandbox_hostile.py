@@ -1,9 +1,12 @@
-"""Attacks on the sandbox, each of which must fail: forged passes, escapes from the filesystem,
-network and process limits. Host-side effects are checked on the host, not taken from the child."""
+"""Attacks on the sandbox, each of which must fail: forged passes, grading by lookup (the benchmark's
+canonical solutions read from its installed package, its data file or through kvjudge's loader),
+escapes from the filesystem, network and process limits. Host-side effects are checked on the host,
+not taken from the child; each lookup is shown to forge a pass outside the sandbox."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import site
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvjudge import sandbox as sb
+from kvjudge.app.cli import main
 from kvjudge.experiments.data import PACKAGES, DataError, load_humaneval, package_data_path
 from kvjudge.experiments.datasets import check_humaneval, grade_candidates
 from kvjudge.sandbox import SandboxResult, SandboxUnavailable, isolation, run_untrusted
@@ -356,6 +360,24 @@ def test_grading_by_import_fails_without_isolation(problem, monkeypatch):
     assert graded == {problem["id"]: [False, False, True]}
     res = run_untrusted("import sys\nraise RuntimeError(repr(sys.path))", level="none", unsafe_exec=True)
     assert res.status == "failed" and "site-packages" not in res.detail and "dist-packages" not in res.detail, res
+
+
+@needs_isolation
+def test_grading_by_lookup_fails_end_to_end_through_kvjudge_eval(tmp_path, capsys):
+    # kvjudge eval on a candidates file: HumanEval/0's candidates are two lookups, HumanEval/1's its
+    # canonical solution twice; the records must say failed for the first and passed for the second.
+    rows = {p["id"]: p for p in load_humaneval(limit=2)}
+    lines = [{"task_id": "HumanEval/0", "candidates": [lookup("import"), lookup("data_file")], "sources": ["a", "b"]},
+             {"task_id": "HumanEval/1", "candidates": [rows["HumanEval/1"]["canonical_solution"]] * 2,
+              "sources": ["a", "b"]}]
+    cands = tmp_path / "candidates.jsonl"
+    cands.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    code = main(["eval", "humaneval", "--model", "tiny-llama", "--candidates", str(cands), "--methods", "dense",
+                 "--seeds", "42", "--limit", "2", "--candidate-kv", "isolated", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["task_id"]: r["passed"] for r in records} == {"HumanEval/0": False, "HumanEval/1": True}
 
 
 def _dataset_files() -> list[str]:
