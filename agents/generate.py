@@ -31,8 +31,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from kvjudge.agents.base import GenRequest, Generation  # torch-free home (the simulated agent shares them)
-from kvjudge.cache.compress.registry import compress_segment
 from kvjudge.cache.compat import cache_kwargs, output_cache
+from kvjudge.cache.compress.registry import compress_segment
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import KVSegment
 from kvjudge.models import LoadedModel

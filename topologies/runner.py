@@ -131,7 +131,9 @@ class Orchestrator:
     """Agents (replicas per model), the store and the judge of one topology on a Ray cluster."""
 
     def __init__(self, topology: Topology, model: str | None = None, address: str | None = None,
-                 replicas: int | str | None = None, reporter: Reporter | None = None) -> None:
+                 replicas: int | str | None = None, reporter: Reporter | None = None,
+                 wait_all: bool = False) -> None:
+        self.wait_all = wait_all  # start problems only once every replica is up (bench run: a clean makespan)
         if model:
             topology = topology.model_copy(
                 update={"defaults": topology.defaults.model_copy(update={"model": model})})
@@ -216,13 +218,14 @@ class Orchestrator:
         join their pool as each comes up (a watcher thread), so work flows to a replica as soon as it is
         ready rather than after the slowest. A judge that fails to start, or a model none of whose replicas
         starts, is a :class:`RunError`; a replica that fails while another of its model is (or may yet
-        be) up is marked failed, and the others serve on."""
+        be) up is marked failed, and the others serve on. With ``wait_all`` it waits for every actor."""
         slots: dict = {self.judge.ready.remote(): (None, 0)}
         for m, pool in self.pools.items():
             slots.update({a.ready.remote(): (m, i) for i, a in enumerate(pool.actors)})
         pending, judge_info = list(slots), None
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while judge_info is None or not all(any(p.ready) for p in self.pools.values()):
+        while (judge_info is None or not all(any(p.ready) for p in self.pools.values())
+               or (self.wait_all and pending)):
             done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 late = [self._slot_name(*slots[r]) for r in pending]
@@ -440,6 +443,7 @@ def run(
     reporter: Reporter,
     concurrency: int | None = None,
     replicas: int | str | None = None,
+    wait_all_replicas: bool = False,
     source: str | None = None,
 ) -> dict:
     """Run ``problems`` (from ``source``: a dataset name or a file's hash, for the manifest) through
@@ -459,7 +463,8 @@ def run(
             return _totals(results, counts)
         pub = MetricsPublisher(reporter)
         locked = _Locked(pub)
-        orch = Orchestrator(topology, model=model, address=address, replicas=replicas, reporter=locked)
+        orch = Orchestrator(topology, model=model, address=address, replicas=replicas, reporter=locked,
+                            wait_all=wait_all_replicas)
         try:
             info = orch.start()
             total = sum(len(p.actors) for p in orch.pools.values())
