@@ -92,7 +92,8 @@ def _probe(level: str) -> bool:
                   "hidden": mount_plan(os.geteuid() == 0)["sentinels"]}
         source = program("probe")
         marker = "PARAMS: dict = {}"
-        assert marker in source, "programs/probe.py lost its PARAMS line"
+        if marker not in source:
+            raise RuntimeError("sandbox/programs/probe.py lost its PARAMS line")
         code = source.replace(marker, f"PARAMS: dict = {params!r}", 1)
         res = execute(level, code, timeout_s=20.0, memory_mb=512, fsize_mb=1, tests=None, prelude="",
                       expose=(), nproc=_PROBE_NPROC)

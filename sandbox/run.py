@@ -135,7 +135,7 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, *, fs
 
 
 def execute(level: str, code: str, timeout_s: float, memory_mb: int, fsize_mb: int, tests: str | None,
-         prelude: str, expose: tuple[str, ...], nproc: int) -> SandboxResult:
+            prelude: str, expose: tuple[str, ...], nproc: int) -> SandboxResult:
     """One check: start the untrusted process and the trusted harness, wire their pipes, wait, kill
     what is left and read the verdict. Long on purpose: every process and pipe it opens is closed
     in the same function, so nothing can outlive a check on any path."""
