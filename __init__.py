@@ -1,9 +1,18 @@
 """kvjudge: multi-agent LLM pipelines with a judge that reuses shared KV caches.
 
-The repository root is the import package; its folders are the subpackages:
-``kvjudge.cache`` (pure KV tensor ops), ``kvjudge.judges`` (prompt, scoring, methods),
-``kvjudge.agents`` (models, generation), ``kvjudge.topologies``, ``kvjudge.experiments``
-and ``kvjudge.app`` (CLI, Ray glue, dashboard).
+The repository root is the import package; its folders are the subpackages, in floors that import
+one way, ground floor first (``tests/test_layout.py`` guards it):
+
+0. ``kvjudge.cache`` (KV segments and re-indexing, the encoder, the byte-budgeted store and its
+   Ray actor, eviction and compression), ``kvjudge.models`` (model loading: tiny, SmolLM2, the
+   simulated model) and ``kvjudge.sandbox`` (runs untrusted code; imports nothing from kvjudge);
+1. ``kvjudge.judges`` (prompt layout, candidate KV modes, methods, engine, Ray actor) and
+   ``kvjudge.agents`` (generation, the simulated agent, Ray actor);
+2. ``kvjudge.topologies`` (the YAML schema, loader and plan; for now also the Ray runtime: runner,
+   cluster, telemetry, results log, which will move to a ``runtime`` floor of its own);
+3. ``kvjudge.experiments`` (data sets and graders, the evaluation protocol, metrics, reports,
+   benchmarks, diagnostics);
+4. ``kvjudge.app`` (CLI, reporters, dashboard).
 """
 
 __version__ = "0.1.0"

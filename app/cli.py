@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
-from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
+from kvjudge.judges.candidate import CANDIDATE_KV_MODES, DEFAULT_MAX_NEW_TOKENS, OUTPUT_MODES
 from kvjudge.judges.catalog import DEFAULT_METHODS, METHOD_ORDER
 from kvjudge.judges.debias import DEBIAS_MODES
 
@@ -83,7 +83,7 @@ def checked_text(flag: str, value: str) -> str:
     return value
 
 
-def judge_max_tokens(value: int | None, default: int = 256) -> int:
+def judge_max_tokens(value: int | None, default: int = DEFAULT_MAX_NEW_TOKENS) -> int:
     """``--judge-max-tokens`` in 1..4096 (the topology schema's bound); ``default`` when not given."""
     from kvjudge.topologies.schema import MAX_JUDGE_TOKENS
 
@@ -198,7 +198,8 @@ def _add_judge_modes(p: argparse.ArgumentParser, default_kv: str | None) -> None
                         + (f" (default {default_kv})" if default_kv else " (default: the topology's)"))
     p.add_argument("--judge-output", choices=OUTPUT_MODES, default=None,
                    help="label: read the label's log-probability; generate: decode an answer and parse the number")
-    p.add_argument("--judge-max-tokens", type=int, default=None, help="tokens a generated judge answer may take (256)")
+    p.add_argument("--judge-max-tokens", type=int, default=None,
+                   help=f"tokens a generated judge answer may take ({DEFAULT_MAX_NEW_TOKENS})")
     _add_debias(p, permutations=True)
 
 

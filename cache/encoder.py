@@ -51,7 +51,8 @@ def check_reindexable(model: torch.nn.Module, inv_freq: torch.Tensor) -> None:
 class KVRunner:
     """Forward passes with explicit positions over a model, counting passes and memoising segments.
 
-    ``forward_calls`` counts every model forward; ``encoded_tokens`` counts tokens run through it.
+    ``forward_calls`` counts every model forward and ``forward_tokens`` the tokens run through them;
+    ``encode_tokens`` is the part of ``forward_tokens`` spent encoding contexts and segments.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvjudge.judges.candidate import check_mode
+from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, check_mode
 from kvjudge.judges.catalog import DEFAULT_METHODS, METHOD_ORDER
 from kvjudge.judges.debias import check_debias
 from kvjudge.topologies.schema import MAX_SEED, MAX_TEMPERATURE
@@ -34,7 +34,7 @@ class EvalConfig:
     device: str | None = None
     candidate_kv: str = "agent"  # the papers' setting: the KV each agent computed while writing
     judge_output: str = "label"
-    judge_max_tokens: int = 256
+    judge_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     gate_arm: str = "naive"  # the random gate's reuse arm
     unsafe_exec: bool = False  # grade untrusted code even without sandbox isolation
     compress: dict | None = None  # {"method", "ratio"}: candidate KV token-compressed as a store would

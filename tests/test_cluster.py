@@ -122,6 +122,7 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
     import ray
 
     from kvjudge.topologies import load_topology_text
+    from kvjudge.topologies.cluster import NAMESPACE
     from kvjudge.topologies.runner import run
 
     ray_cli = str(Path(sys.executable).parent / "ray")
@@ -138,7 +139,7 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
         while subprocess.run(status, capture_output=True, timeout=60, env=env).returncode != 0:
             assert time.time() < deadline and procs[0].poll() is None, "ray start --head did not come up"
             time.sleep(2)
-        ray.init(address=address, namespace="kvjudge", log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         try:
             for count in (2, 3):  # one at a time: two nodes starting together on one host can trip each other
                 procs.append(_ray_node(ray_cli, env, temp_dir, f"--address={address}", "--num-cpus=2",

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from kvjudge.app.dashboard import LiveReporter, fmt_bytes, fmt_duration, plain_line, render, watch
 from kvjudge.app.reporters import PlainReporter
-from kvjudge.topologies.telemetry import MetricsPublisher, Snapshot, SnapshotTracker
+from kvjudge.topologies.telemetry import METRICS_NAMESPACE, MetricsPublisher, Snapshot, SnapshotTracker
 
 T0 = 1_700_000_000.0
 STORE = {"entries": 12, "bytes": 150 * 1024 * 1024, "budget_bytes": 1024 ** 3, "hits": 20, "misses": 4,
@@ -274,7 +274,7 @@ def local_ray():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=1, namespace="kvjudge", include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=1, namespace=METRICS_NAMESPACE, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
     yield ray
     if started:

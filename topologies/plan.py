@@ -7,8 +7,7 @@ in this round. Its prompt is its template with ``{problem}`` and ``{previous}``,
 rounds after the first) by every other agent's answer of the previous round. After the last round,
 each agent's final answer is a judge candidate (in the topology's agent order).
 
-No Ray and no model here: :class:`ProblemPlan` is a small state machine the runner drives, and
-:func:`requests_for_round` is the whole of one round for a unit test.
+No Ray and no model here: :class:`ProblemPlan` is a small state machine the runner drives.
 """
 
 from __future__ import annotations
@@ -41,15 +40,6 @@ def agent_request(topology: Topology, agent: str, rnd: int, problem: str, answer
         "round": rnd,
         "final": rnd == topology.rounds - 1,
     }
-
-
-def requests_for_round(topology: Topology, rnd: int, problem: str, answers: dict[str, str],
-                       previous_round: dict[str, str] | None = None) -> list[dict]:
-    """Every agent's request of round ``rnd`` in topological order, given the answers each would see
-    (``answers`` must already hold this round's upstream answers of every agent asked about)."""
-    plan = ProblemPlan(topology, problem)
-    order = [a for gen in plan.generations for a in gen]
-    return [agent_request(topology, a, rnd, problem, answers, previous_round or {}) for a in order]
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 A topology is a YAML mapping. Unknown keys at any level are errors (with a did-you-mean hint).
 Every number is bounded and every float finite (``.inf`` / ``.nan`` are refused); the file itself
-is capped (:mod:`.yaml_reader`: 1 MiB, nesting depth 64, anchors/aliases expanded to at most 100,000
-nodes, no recursive aliases).
+is capped (:mod:`.yaml_reader`: 1 MiB, nesting depth 64, at most 1,000 alias uses and 10,000 nodes
+with every alias expanded, no recursive aliases).
 
 Required keys:
 
@@ -74,6 +74,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS
 from kvjudge.judges.catalog import method_options
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -172,7 +173,7 @@ class JudgeSpec(_Strict):
     options: dict[str, object] = Field(default_factory=dict)
     candidate_kv: CandidateKV = "judge_prefix"
     output: JudgeOutput = "label"
-    max_tokens: int = Field(default=256, ge=1, le=MAX_JUDGE_TOKENS)
+    max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_JUDGE_TOKENS)
     debias: JudgeDebias = "none"
     permutations: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
 
