@@ -432,7 +432,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _replicas(value: str | None) -> int | str | None:
     """``--replicas`` N in 1..256 (the topology schema's bound) or ``auto``; what the cluster can hold is
-    checked when the run starts (:meth:`~kvjudge.topologies.runner.Orchestrator.start`)."""
+    checked when the run starts (:meth:`~kvjudge.runtime.runner.Orchestrator.start`)."""
     from kvjudge.topologies.schema import MAX_REPLICAS
 
     if value is None or value == "auto":
@@ -450,7 +450,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvjudge.app.reporters import choose_reporter
     from kvjudge.experiments.datasets import load_problems
     from kvjudge.topologies import load_topology, resolve_topology
-    from kvjudge.topologies.runner import run
+    from kvjudge.runtime.runner import run
 
     positive("limit", args.limit)
     positive("concurrency", args.concurrency)
@@ -492,7 +492,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def problems_source(spec: str) -> str:
     """What ``--problems`` names, for the run's manifest: a dataset's name, or ``file:`` + the file's hash."""
     from kvjudge.experiments.datasets import get_dataset, is_dataset
-    from kvjudge.topologies.manifest import file_digest
+    from kvjudge.runtime.manifest import file_digest
 
     if is_dataset(spec):
         return get_dataset(spec).name

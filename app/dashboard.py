@@ -1,12 +1,12 @@
 """The live dashboard: ``kvjudge run`` on a terminal, and ``kvjudge dashboard --address ADDR``.
 
-* :func:`render` -- pure: a :class:`~kvjudge.topologies.telemetry.Snapshot` in, a rich renderable
+* :func:`render` -- pure: a :class:`~kvjudge.runtime.telemetry.Snapshot` in, a rich renderable
   out (agents with who feeds whom, replicas per model, problems in flight, KV store, judge,
   progress with ETA). Stacked panels below 120 columns, agents beside store/judge from 120 up; it
   never draws wider than the console.
 * :class:`LiveReporter` -- the Reporter a terminal gets: it folds events into a snapshot and
   shows it with ``rich.live.Live`` (4 refreshes/s, the final frame stays on screen). Publishing
-  to the metrics actor is done by :class:`~kvjudge.topologies.telemetry.MetricsPublisher`, which
+  to the metrics actor is done by :class:`~kvjudge.runtime.telemetry.MetricsPublisher`, which
   the runner wraps around every reporter (this one and the plain printer alike).
 * :func:`watch` -- polls the ``kvjudge-metrics`` actor of a run on a Ray cluster (``kvjudge dashboard``).
 """
@@ -26,8 +26,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from kvjudge.topologies.cluster import ClusterError, probe
-from kvjudge.topologies.telemetry import METRICS_NAMESPACE, AgentStats, Snapshot, SnapshotTracker, find_metrics_actor
+from kvjudge.runtime.cluster import ClusterError, probe
+from kvjudge.runtime.telemetry import METRICS_NAMESPACE, AgentStats, Snapshot, SnapshotTracker, find_metrics_actor
 
 WIDE = 120  # from this width on, agents sit beside the store and judge panels
 STATE_STYLE = {"generating": "bold yellow", "done": "green", "failed": "bold red", "waiting": "dim"}

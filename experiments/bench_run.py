@@ -46,9 +46,9 @@ from kvjudge.judges.sim import SimJudge
 from kvjudge.models.sim import SimSpec, is_sim_spec, parse_sim_spec
 from kvjudge.topologies import load_topology, resolve_topology
 from kvjudge.topologies.plan import ProblemPlan
-from kvjudge.topologies.runner import default_concurrency, run
+from kvjudge.runtime.runner import default_concurrency, run
 from kvjudge.topologies.schema import Topology
-from kvjudge.topologies.telemetry import Reporter
+from kvjudge.runtime.telemetry import Reporter
 
 
 class _Timing:

@@ -14,12 +14,12 @@ from pathlib import Path
 from kvjudge.experiments.config import EvalConfig
 from kvjudge.experiments.data import IdRegistry, iter_jsonl
 from kvjudge.topologies import load_topology, resolve_topology
-from kvjudge.topologies.manifest import file_digest
-from kvjudge.topologies.results import read_records
+from kvjudge.runtime.manifest import file_digest
+from kvjudge.runtime.results import read_records
 from kvjudge.topologies.plan import ProblemPlan
-from kvjudge.topologies.runner import RunError, run
+from kvjudge.runtime.runner import RunError, run
 from kvjudge.topologies.schema import JudgeSpec, Topology
-from kvjudge.topologies.telemetry import Reporter
+from kvjudge.runtime.telemetry import Reporter
 
 
 @dataclass

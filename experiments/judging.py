@@ -23,7 +23,7 @@ from kvjudge.experiments.summary import gate_accepted
 from kvjudge.judges.base import Verdict
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.methods.random_gate import exact_coverage_choice
-from kvjudge.topologies.results import ResultsLog
+from kvjudge.runtime.results import ResultsLog
 
 
 def record_key(rec: dict) -> tuple[str, int, str]:

@@ -46,9 +46,9 @@ from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models import LoadedModel, load_model
 from kvjudge.topologies import load_topology, resolve_topology
-from kvjudge.topologies.manifest import check_manifest, file_digest, topology_digest
-from kvjudge.topologies.results import ResultsLog
-from kvjudge.topologies.telemetry import Reporter
+from kvjudge.runtime.manifest import check_manifest, file_digest, topology_digest
+from kvjudge.runtime.results import ResultsLog
+from kvjudge.runtime.telemetry import Reporter
 
 
 class Progress(Protocol):
@@ -147,7 +147,7 @@ def check_output(cfg: EvalConfig) -> None:
 
 
 def eval_manifest(cfg: EvalConfig) -> dict:
-    """What the folder's records depend on (see :mod:`kvjudge.topologies.manifest`): a resume with any
+    """What the folder's records depend on (see :mod:`kvjudge.runtime.manifest`): a resume with any
     other value is refused; seeds, methods and ``--limit`` may grow."""
     try:
         topo = load_topology(resolve_topology(cfg.topology))

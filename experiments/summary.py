@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from kvjudge.experiments import metrics as M
 from kvjudge.experiments.datasets import get_dataset, is_dataset
 from kvjudge.judges.catalog import GATE_METHODS
-from kvjudge.topologies.results import ResultsLog
+from kvjudge.runtime.results import ResultsLog
 
 PAPER_PARTITION_SEED = 42  # the DG-JKR paper's partition analysis: one record per problem, seed 42
 

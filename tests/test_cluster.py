@@ -122,8 +122,8 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
     import ray
 
     from kvjudge.topologies import load_topology_text
-    from kvjudge.topologies.cluster import NAMESPACE
-    from kvjudge.topologies.runner import run
+    from kvjudge.runtime.cluster import NAMESPACE
+    from kvjudge.runtime.runner import run
 
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from kvjudge.app.dashboard import LiveReporter, fmt_bytes, fmt_duration, plain_line, render, watch
 from kvjudge.app.reporters import PlainReporter
-from kvjudge.topologies.telemetry import METRICS_NAMESPACE, MetricsPublisher, Snapshot, SnapshotTracker
+from kvjudge.runtime.telemetry import METRICS_NAMESPACE, MetricsPublisher, Snapshot, SnapshotTracker
 
 T0 = 1_700_000_000.0
 STORE = {"entries": 12, "bytes": 150 * 1024 * 1024, "budget_bytes": 1024 ** 3, "hits": 20, "misses": 4,
@@ -283,7 +283,7 @@ def local_ray():
 
 def test_metrics_actor_and_dashboard_command(local_ray, capsys):
     from kvjudge.app.cli import main
-    from kvjudge.topologies.telemetry import find_metrics_actor
+    from kvjudge.runtime.telemetry import find_metrics_actor
 
     old = find_metrics_actor()
     if old is not None:

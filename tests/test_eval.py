@@ -18,7 +18,7 @@ from kvjudge.experiments.protocol import evaluate
 from kvjudge.sandbox import isolation_level
 from kvjudge.judges.base import Verdict
 from kvjudge.topologies import load_topology, resolve_topology
-from kvjudge.topologies.results import ResultsLog
+from kvjudge.runtime.results import ResultsLog
 
 METHODS = ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"]
 

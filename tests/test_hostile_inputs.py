@@ -26,9 +26,9 @@ from kvjudge.experiments.protocol import evaluate
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.topologies import load_topology, load_topology_text, resolve_topology
-from kvjudge.topologies.manifest import MANIFEST, run_manifest
-from kvjudge.topologies.results import ResultsError, ResultsLog
-from kvjudge.topologies.runner import RunError, check_machine, run
+from kvjudge.runtime.manifest import MANIFEST, run_manifest
+from kvjudge.runtime.results import ResultsError, ResultsLog
+from kvjudge.runtime.runner import RunError, check_machine, run
 
 
 def _cli(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -333,7 +333,7 @@ judge: {{method: naive}}
 
 
 def _seed_folder(out: Path, topo, records: list[dict], model: str | None = None, source: str | None = None) -> None:
-    from kvjudge.topologies.manifest import check_manifest
+    from kvjudge.runtime.manifest import check_manifest
 
     check_manifest(out, run_manifest(topo, model, source), False)
     with ResultsLog(out / "results.jsonl") as log:

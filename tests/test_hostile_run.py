@@ -16,9 +16,9 @@ import ray
 from kvjudge.app.cli import main, read_text
 from kvjudge.judges.actor import _JudgeActorImpl
 from kvjudge.topologies import load_topology_text
-from kvjudge.topologies.cluster import ClusterError, connect
-from kvjudge.topologies.results import ResultsError, ResultsLog
-from kvjudge.topologies.runner import Orchestrator, RunError
+from kvjudge.runtime.cluster import ClusterError, connect
+from kvjudge.runtime.results import ResultsError, ResultsLog
+from kvjudge.runtime.runner import Orchestrator, RunError
 
 SMALL = """
 name: small

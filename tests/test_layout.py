@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # ground floor first; a folder may import its own modules and those of lower floors only
-FLOORS = {"cache": 0, "models": 0, "sandbox": 0, "judges": 1, "agents": 1, "topologies": 2, "experiments": 3,
-          "app": 4}
+FLOORS = {"cache": 0, "models": 0, "sandbox": 0, "judges": 1, "agents": 1, "topologies": 2, "runtime": 3,
+          "experiments": 4, "app": 5}
 # self-contained folders: they import no kvjudge module outside themselves, not even from a lower floor
 STANDALONE = {"sandbox"}
 
@@ -86,6 +86,10 @@ def test_the_guard_catches_an_upward_import(tmp_path, monkeypatch):
     ("sandbox", "from ...experiments import datasets\n", "imports kvjudge.experiments"),  # relative, from sandbox/sub/: up
     ("cache", "from ...judges.prompt import build_prompt\n", "cache is floor 0, judges is floor 1"),
     ("judges", "from kvjudge.agents import generate\n", "judges is floor 1, agents is floor 1"),  # sideways
+    ("topologies", "from kvjudge.runtime.runner import run\n", "topologies is floor 2, runtime is floor 3"),  # up
+    ("runtime", "from kvjudge.experiments.protocol import evaluate\n", "runtime is floor 3, experiments is floor 4"),
+    ("runtime", "from ...app import render\n", "runtime is floor 3, app is floor 5"),  # relative, up
+    ("experiments", "import kvjudge.app.cli\n", "experiments is floor 4, app is floor 5"),
 ])
 def test_the_guard_catches_imports_that_go_up_or_sideways(tmp_path, monkeypatch, folder, line, floor_msg):
     fake = tmp_path / folder / "sub"
@@ -96,6 +100,16 @@ def test_the_guard_catches_imports_that_go_up_or_sideways(tmp_path, monkeypatch,
     found = _violations()
     assert [v for v in found if "bad.py" in v and floor_msg in v], found
     assert not [v for v in found if "fine.py" in v], found
+
+
+def test_the_runtime_floor_sits_between_topologies_and_experiments():
+    assert FLOORS["topologies"] < FLOORS["runtime"] < FLOORS["experiments"]
+    # the topology definition needs no runtime: no module of topologies/ imports Ray
+    for path in sorted((ROOT / "topologies").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] in ("ray", "torch")], path
 
 
 def test_sandbox_imports_nothing_from_kvjudge():

@@ -271,7 +271,7 @@ def _rec(tid, seed, method, perm, slot):
 
 def test_summary_kappa_is_taken_on_the_calls_jcr_counts(tmp_path):
     from kvjudge.experiments.summary import content_measures, summarize
-    from kvjudge.topologies.results import ResultsLog
+    from kvjudge.runtime.results import ResultsLog
 
     perms = {42: [0, 1, 2], 123: [2, 0, 1]}
     # (problem, seed) -> (dense slot, naive slot); naive names no candidate on one call

@@ -21,7 +21,7 @@ from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segme
 from kvjudge.experiments.bench_run import bench_run, lower_bound, synthetic_problems
 from kvjudge.judges.actor import JudgeActor
 from kvjudge.topologies import load_topology_text
-from kvjudge.topologies.runner import Orchestrator, Replicas, run
+from kvjudge.runtime.runner import Orchestrator, Replicas, run
 
 # one request alone sleeps 8 / 80 = 0.1 s; batching buys nothing (batch_speedup 1), so only replicas add capacity
 SIM = "sim:tokens_per_s=80,answer_tokens=8"
@@ -79,7 +79,7 @@ def _ids(path: Path) -> list[str]:
 def sim_ray():
     # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine. Zero-copy torch
     # serialization off, as `kvjudge run` sets it for simulated models (Ray imports torch in every
-    # worker when it is on, see topologies/cluster.py)
+    # worker when it is on, see runtime/cluster.py)
     ray.init(address="local", num_cpus=8, namespace="kvjudge", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "0"}})
     yield

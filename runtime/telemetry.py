@@ -23,8 +23,10 @@ from typing import Any, Protocol
 
 import ray
 
+from kvjudge.runtime.cluster import NAMESPACE
+
 METRICS_ACTOR_NAME = "kvjudge-metrics"
-METRICS_NAMESPACE = "kvjudge"
+METRICS_NAMESPACE = NAMESPACE  # the run's own namespace: the dashboard finds the actor where the run lives
 
 
 class Reporter(Protocol):

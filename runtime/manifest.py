@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from kvjudge.topologies.results import ResultsError
+from kvjudge.runtime.results import ResultsError
 from kvjudge.topologies.schema import Topology
 
 MANIFEST = "manifest.json"

@@ -24,18 +24,17 @@ from typing import Any
 import ray
 
 from kvjudge.agents.actor import AgentActor
-from kvjudge.cache.store_actor import get_or_create_store
+from kvjudge.cache.store_actor import DEFAULT_STORE_NAME, get_or_create_store
 from kvjudge.judges.actor import JudgeActor, judge_options
 from kvjudge.models.sim import is_sim_spec
-from kvjudge.topologies.cluster import NAMESPACE, ClusterError, check_feasible, connect
-from kvjudge.topologies.manifest import check_manifest, run_manifest
+from kvjudge.runtime.cluster import NAMESPACE, ClusterError, check_feasible, connect
+from kvjudge.runtime.manifest import check_manifest, run_manifest
+from kvjudge.runtime.results import ResultsLog
+from kvjudge.runtime.telemetry import MetricsPublisher, Reporter
 from kvjudge.topologies.plan import ProblemPlan
-from kvjudge.topologies.results import ResultsLog
 from kvjudge.topologies.schema import Topology
-from kvjudge.topologies.telemetry import MetricsPublisher, Reporter
 
 READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
-STORE_NAME = "kvjudge-store"
 MAX_AUTO_REPLICAS = 8
 
 
@@ -174,8 +173,8 @@ class Orchestrator:
         except ValueError as exc:  # judge_options: a declared resource no node has
             raise RunError(" ".join(str(exc).split())) from None
         store = self.topology.store
-        self.store = get_or_create_store(STORE_NAME, budget_bytes=store.budget_bytes, eviction=store.eviction,
-                                         namespace=NAMESPACE)
+        self.store = get_or_create_store(DEFAULT_STORE_NAME, budget_bytes=store.budget_bytes,
+                                         eviction=store.eviction, namespace=NAMESPACE)
         n = self._replica_count()
         need = n * len(self.models) * float(res.agent_num_cpus) + 1.0  # + the judge's CPU
         have = float(ray.cluster_resources().get("CPU", 0.0))
@@ -186,13 +185,13 @@ class Orchestrator:
         # the judge first: its (pinned) node's CPU must not go to an agent replica asked for earlier
         j = self.topology.judge
         self.judge = JudgeActor.options(num_cpus=1, **jopts).remote(
-            self.judge_model, j.method, j.method_kwargs(), STORE_NAME, NAMESPACE, 1,
+            self.judge_model, j.method, j.method_kwargs(), DEFAULT_STORE_NAME, NAMESPACE, 1,
             candidate_kv=j.candidate_kv, output=j.output, max_new_tokens=j.max_tokens,
             debias=j.debias, permutations=j.permutations,
         )
         threads = max(1, int(res.agent_num_cpus) or 1)
         compress = store.compress.model_dump() if store.compress is not None else None
-        actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, STORE_NAME, NAMESPACE, threads,
+        actors = {m: [AgentActor.options(num_cpus=res.agent_num_cpus).remote(m, DEFAULT_STORE_NAME, NAMESPACE, threads,
                                                                              compress=compress)
                       for _ in range(n)] for m in self.models}
         self.pools = {m: Replicas(lst, ready=[False] * len(lst)) for m, lst in actors.items()}
