@@ -8,11 +8,11 @@ one way, ground floor first (``tests/test_layout.py`` guards it):
    simulated model) and ``kvjudge.sandbox`` (runs untrusted code; imports nothing from kvjudge);
 1. ``kvjudge.judges`` (prompt layout, candidate KV modes, methods, engine, Ray actor) and
    ``kvjudge.agents`` (generation, the simulated agent, Ray actor);
-2. ``kvjudge.topologies`` (the YAML schema, loader and plan; for now also the Ray runtime: runner,
-   cluster, telemetry, results log, which will move to a ``runtime`` floor of its own);
-3. ``kvjudge.experiments`` (data sets and graders, the evaluation protocol, metrics, reports,
+2. ``kvjudge.topologies`` (the YAML schema, loader, plan and the makespan bound; pure, no Ray);
+3. ``kvjudge.runtime`` (the Ray runtime: runner, cluster, telemetry; the results log and manifest);
+4. ``kvjudge.experiments`` (data sets and graders, the evaluation protocol, metrics, reports,
    benchmarks, diagnostics);
-4. ``kvjudge.app`` (CLI, reporters, dashboard).
+5. ``kvjudge.app`` (CLI, reporters, dashboard).
 """
 
 __version__ = "0.1.0"

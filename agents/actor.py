@@ -25,13 +25,12 @@ import threading
 import ray
 
 from kvjudge.agents.base import GenRequest, Generation, GeneratorLike
-from kvjudge.agents.batching import BatchQueue
+from kvjudge.agents.batching import MAX_BATCH, BatchQueue
 from kvjudge.agents.sim import SimGenerator
 from kvjudge.cache.keys import segment_key
 from kvjudge.cache.store_actor import get_store, put_segment
 from kvjudge.models.sim import is_sim_spec, parse_sim_spec
 
-MAX_BATCH = 8
 WINDOW_S = 0.01
 MAX_CONCURRENCY = 64  # threads: queued generate calls plus ready / encode / stats
 

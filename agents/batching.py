@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # typing only: the agent actor's BatchQueue must not load tor
 T = TypeVar("T")
 R = TypeVar("R")
 
+MAX_BATCH = 8  # requests an agent actor batches at most (the makespan bound's sim capacity uses it too)
+
 BENCH_PROMPTS = (
     "Write a short poem about the sea.",
     "Explain in two sentences why the sky is blue.",
@@ -42,7 +44,7 @@ BENCH_PROMPTS = (
 class BatchQueue(Generic[T, R]):
     """Runs ``run(items) -> results`` (same length, same order) on batches of submitted items."""
 
-    def __init__(self, run: Callable[[list[T]], list[R]], max_batch: int = 8, window_s: float = 0.01,
+    def __init__(self, run: Callable[[list[T]], list[R]], max_batch: int = MAX_BATCH, window_s: float = 0.01,
                  name: str = "batch-queue") -> None:
         if max_batch < 1 or window_s < 0:
             raise ValueError(f"max_batch must be >= 1 and window_s >= 0, not {max_batch} / {window_s}")

@@ -463,13 +463,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                                ("permutations", args.judge_permutations)) if v is not None}
     positive("judge-permutations", args.judge_permutations)
     if modes:
-        topo = topo.model_copy(update={"judge": topo.judge.model_copy(update=modes)})
+        topo = topo.with_overrides(judge=modes)
     if args.compress is not None:
         from kvjudge.topologies.schema import CompressSpec
 
         spec = parse_compress(args.compress)
-        store = topo.store.model_copy(update={"compress": CompressSpec(**spec) if spec else None})
-        topo = topo.model_copy(update={"store": store})
+        topo = topo.with_overrides(store={"compress": CompressSpec(**spec) if spec else None})
     nonnegative("offset", args.offset)
     problems = load_problems(args.problems, args.limit, args.offset, args.sample_seed)
     out = Path(args.out) if args.out else default_out(topo.name)

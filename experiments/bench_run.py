@@ -2,24 +2,15 @@
 
 :func:`bench_run` runs a topology on ``problems`` (a number makes that many synthetic
 ``{"id", "prompt"}`` problems) into a temporary folder, on the embedded Ray or ``address``, and
-compares the measured **makespan** (first problem submitted -> last record written) with a **lower
-bound**::
+compares the measured **makespan** (first problem submitted -> last record written) with the
+**lower bound** of :mod:`kvjudge.topologies.bound`::
 
     lower_bound = max(critical_path, max_m(agent_work_m / capacity_m), judge_work)
 
-* ``critical_path``: one problem alone. Per round, the longest path through the agent graph of
-  per-request times ``t_a`` (plus, on the last round, the encode that publishes ``a``'s candidate
-  KV), rounds one after another, then one judge call.
-* ``agent_work_m / capacity_m``: all requests for model ``m`` (``problems x rounds x sum t_a``, plus
-  encodes) over what its replicas serve at once: ``replicas x min(batch_speedup, max_batch)`` for
-  ``sim`` (a batch of ``B <= batch_speedup`` costs one request), ``replicas`` for a real model.
-* ``judge_work``: ``problems x`` one judge call, since the judge actor is one serial process.
-
-For ``sim:...`` models ``t_a = min(answer_tokens, max_new_tokens_a) / tokens_per_s``, an encode
-costs ``prefill_seconds(context + answer)`` and a judge call ``judge_s``: all from the spec. For real
-models they are measured in the run itself: ``t_a`` is the mean replica time a request of ``a`` took
-(its batch's seconds over the batch size), the judge call the mean verdict latency; the bound is
-then an estimate, not a guarantee.
+For ``sim:...`` models the costs come from the spec (:func:`~kvjudge.topologies.bound.sim_costs`);
+for real models they are measured in the run itself (:func:`~kvjudge.topologies.bound.measured_costs`:
+``t_a`` is the mean replica time a request of ``a`` took, its batch's seconds over the batch size, the
+judge call the mean verdict latency); the bound is then an estimate, not a guarantee.
 
 **Start-up** (``startup_s``) is reported apart: from the call to the first problem submitted (Ray up,
 the store, the judge and every replica ready). Unlike ``kvjudge run``, which sends work to each replica
@@ -40,15 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvjudge.agents.actor import MAX_BATCH
 from kvjudge.experiments.datasets import load_problems
-from kvjudge.judges.sim import SimJudge
-from kvjudge.models.sim import SimSpec, is_sim_spec, parse_sim_spec
-from kvjudge.topologies import load_topology, resolve_topology
-from kvjudge.topologies.plan import ProblemPlan
 from kvjudge.runtime.runner import default_concurrency, run
-from kvjudge.topologies.schema import Topology
 from kvjudge.runtime.telemetry import Reporter
+from kvjudge.topologies import load_topology, resolve_topology
+from kvjudge.topologies.bound import lower_bound, measured_costs, sim_costs
+from kvjudge.topologies.schema import Topology
 
 
 class _Timing:
@@ -98,74 +86,7 @@ def synthetic_problems(n: int) -> list[dict]:
 
 def _topology(topology: str | Path | Topology, model: str | None) -> Topology:
     topo = topology if isinstance(topology, Topology) else load_topology(resolve_topology(topology))
-    if model:
-        topo = topo.model_copy(update={"defaults": topo.defaults.model_copy(update={"model": model})})
-    return topo
-
-
-def _longest_path(topo: Topology, cost: dict[str, float]) -> float:
-    """The longest path through the agent graph when agent ``a`` takes ``cost[a]`` seconds."""
-    finish: dict[str, float] = {}
-    for layer in ProblemPlan(topo, "x").generations:
-        for a in layer:
-            finish[a] = max((finish[p] for p in topo.predecessors(a)), default=0.0) + cost[a]
-    return max(finish.values(), default=0.0)
-
-
-def _sim_costs(topo: Topology, problems: list[dict]) -> dict | None:
-    """Per-request / encode / judge seconds from the sim specs, or ``None`` if any model is real."""
-    specs = {a: topo.agent_spec(a) for a in topo.agents}
-    if not all(is_sim_spec(s.model) for s in specs.values()) or not is_sim_spec(topo.defaults.model):
-        return None
-    judge_spec = parse_sim_spec(topo.defaults.model)
-    gen: dict[str, float] = {}
-    enc: dict[str, float] = {}
-    publish = topo.judge.candidate_kv != "agent" and topo.judge.method != "dense"
-    judge = SimJudge(judge_spec, method=topo.judge.method, candidate_kv=topo.judge.candidate_kv)
-    for a, s in specs.items():
-        sim: SimSpec = parse_sim_spec(s.model)
-        n = min(sim.answer_tokens, int(s.max_new_tokens))
-        gen[a] = sim.batch_seconds(n, 1)
-        enc[a] = 0.0
-        if publish and s.model == topo.defaults.model and sim.prefill_tokens_per_s > 0:
-            # the encode that publishes a's candidate KV: judge context of the mean problem + the answer
-            lens = [len(r["context_ids"]) + len(r["ids"]) for r in
-                    (judge.candidate_kv_request(p["prompt"], "x" * n) for p in problems)]
-            enc[a] = sim.prefill_seconds(round(sum(lens) / len(lens)))
-    capacity = {s.model: min(parse_sim_spec(s.model).batch_speedup, MAX_BATCH) for s in specs.values()}
-    return {"gen": gen, "enc": enc, "judge": judge_spec.judge_s, "per_replica": capacity}
-
-
-def _measured_costs(topo: Topology, records: list[dict]) -> dict:
-    """Per-request seconds (replica time: batch seconds / batch size) and judge latency from the records."""
-    gen: dict[str, list[float]] = {a: [] for a in topo.agents}
-    judge: list[float] = []
-    for rec in records:
-        for c in rec.get("candidates", []):
-            if c.get("agent") in gen and c.get("seconds") is not None:
-                gen[c["agent"]].append(float(c["seconds"]) / max(1, int(c.get("batch_size", 1) or 1)))
-        if rec.get("verdict", {}).get("latency_ms") is not None:
-            judge.append(float(rec["verdict"]["latency_ms"]) / 1000.0)
-    mean = {a: sum(v) / len(v) if v else 0.0 for a, v in gen.items()}
-    models = {topo.agent_spec(a).model for a in topo.agents}
-    return {"gen": mean, "enc": {a: 0.0 for a in topo.agents}, "judge": sum(judge) / len(judge) if judge else 0.0,
-            "per_replica": {m: 1.0 for m in models}}
-
-
-def lower_bound(topo: Topology, n_problems: int, costs: dict, replicas: dict[str, int]) -> dict:
-    """``{"lower_bound_s", "critical_path_s", "work_bound_s", "judge_bound_s"}`` (see the module doc)."""
-    last = {a: costs["gen"][a] + costs["enc"][a] for a in topo.agents}
-    rounds = int(topo.rounds)
-    critical = (rounds - 1) * _longest_path(topo, costs["gen"]) + _longest_path(topo, last) + costs["judge"]
-    work: dict[str, float] = {}
-    for a in topo.agents:
-        m = topo.agent_spec(a).model
-        work[m] = work.get(m, 0.0) + n_problems * (rounds * costs["gen"][a] + costs["enc"][a])
-    bound_work = max((w / (max(1, replicas.get(m, 1)) * costs["per_replica"][m]) for m, w in work.items()),
-                     default=0.0)
-    judge = n_problems * costs["judge"]
-    return {"lower_bound_s": max(critical, bound_work, judge), "critical_path_s": critical,
-            "work_bound_s": bound_work, "judge_bound_s": judge}
+    return topo.with_overrides(model=model)
 
 
 def _store_figures(records: list[dict]) -> dict:
@@ -213,8 +134,8 @@ def bench_run(topology: str | Path | Topology, model: str | None = None, problem
     ok = [r for r in records if r.get("status") == "ok"]
     n_replicas = {m: len(v) for m, v in (timing.replicas or {}).items()}
     total_replicas = sum(n_replicas.values()) or 1
-    sim_costs = _sim_costs(topo, items)
-    costs = sim_costs or _measured_costs(topo, ok)
+    from_spec = sim_costs(topo, items)
+    costs = from_spec or measured_costs(topo, ok)
     bound = lower_bound(topo, len(items), costs, n_replicas)
     busy = sum(float(c.get("seconds", 0.0)) / max(1, int(c.get("batch_size", 1) or 1))
                for r in ok for c in r.get("candidates", [])) * int(topo.rounds)
@@ -235,7 +156,7 @@ def bench_run(topology: str | Path | Topology, model: str | None = None, problem
         "throughput_per_s": len(ok) / makespan if makespan > 0 else 0.0,
         "agent_utilisation": busy / (makespan * total_replicas) if makespan > 0 else 0.0,
         "mean_batch": sum(batches) / len(batches) if batches else 0.0,
-        "bound_from": "sim spec" if sim_costs else "measured",
+        "bound_from": "sim spec" if from_spec else "measured",
         "store": _store_figures(ok),
     }
 

@@ -139,9 +139,8 @@ def with_temperature(topo: Topology, temperature: float | None, seed: int = 0) -
     the round to it)."""
     if temperature is None:
         return topo
-    agents = {name: spec.model_copy(update={"temperature": float(temperature), "seed": int(seed) + 1000 * i})
-              for i, (name, spec) in enumerate(topo.agents.items())}
-    return topo.model_copy(update={"agents": agents})
+    return topo.with_overrides(agents={name: {"temperature": float(temperature), "seed": int(seed) + 1000 * i}
+                                       for i, name in enumerate(topo.agents)})
 
 
 def sampling_settings(cfg: EvalConfig) -> dict:
@@ -162,7 +161,7 @@ def generate_candidates(cfg: EvalConfig, problems: list[dict], reporter: Reporte
     topo = with_temperature(load_topology(resolve_topology(cfg.topology)), cfg.temperature, cfg.generation_seed)
     # The pipeline's own judge is not what we measure: dense keeps generation cheap, and "agent" KV mode
     # asks the agents for no extra prefill (what the eval needs of them is their prompt and answer ids).
-    topo = topo.model_copy(update={"judge": JudgeSpec(method="dense", candidate_kv="agent")})
+    topo = topo.with_overrides(judge=JudgeSpec(method="dense", candidate_kv="agent"))
     try:
         run(topo, problems, cfg.out / "generation", model=cfg.model, resume=cfg.resume, reporter=reporter,
             source=data_source(cfg))

@@ -37,6 +37,15 @@ def check_method(name: str, options: dict | None = None) -> None:
                               f"(known: {', '.join(METHOD_OPTIONS[name]) or 'none'})")
 
 
+def candidate_slot_ids(problem: str, text: str, mode: str) -> tuple[list[int], list[int]]:
+    """``(context_ids, ids)`` the simulated judge encodes candidate ``text`` from in candidate-KV mode
+    ``isolated`` (no context) or ``judge_prefix`` (after the problem and the first slot's header)."""
+    ids = tokenize(clean_candidate(text))
+    if mode == "isolated":
+        return [], ids
+    return tokenize(f"Problem:\n{problem.strip()}\n\n{header(1)}"), ids
+
+
 class SimJudge:
     """Deterministic stand-in for :class:`~kvjudge.judges.judge.Judge` on a ``sim:...`` spec."""
 
@@ -82,10 +91,7 @@ class SimJudge:
                 raise JudgeInputError(f"candidate {number} has no agent_prompt: candidate-KV mode 'agent' needs "
                                       "the prompt its agent answered (token ids or text)")
             return context, list(cand.token_ids or tokenize(cand.text))
-        ids = tokenize(clean_candidate(cand.text))
-        if mode == "isolated":
-            return [], ids
-        return tokenize(f"Problem:\n{problem.strip()}\n\n{header(1)}"), ids
+        return candidate_slot_ids(problem, cand.text, mode)
 
     def candidate_kv_request(self, problem: str, answer: CandidateLike, mode: str | None = None) -> dict:
         """``{"context_ids", "ids", "key", "mode"}`` as :meth:`Judge.candidate_kv_request` returns."""

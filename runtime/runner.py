@@ -133,9 +133,7 @@ class Orchestrator:
                  replicas: int | str | None = None, reporter: Reporter | None = None,
                  wait_all: bool = False) -> None:
         self.wait_all = wait_all  # start problems only once every replica is up (bench run: a clean makespan)
-        if model:
-            topology = topology.model_copy(
-                update={"defaults": topology.defaults.model_copy(update={"model": model})})
+        topology = topology.with_overrides(model=model)
         self.topology = topology
         self.address = address
         self.replicas_arg = replicas if replicas is not None else getattr(topology.resources, "agent_replicas", 1)

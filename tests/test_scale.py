@@ -18,10 +18,11 @@ import torch
 from kvjudge.agents.actor import AgentActor
 from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segment, kill_store, put_segment
-from kvjudge.experiments.bench_run import bench_run, lower_bound, synthetic_problems
+from kvjudge.experiments.bench_run import bench_run, synthetic_problems
 from kvjudge.judges.actor import JudgeActor
-from kvjudge.topologies import load_topology_text
 from kvjudge.runtime.runner import Orchestrator, Replicas, run
+from kvjudge.topologies import load_topology_text
+from kvjudge.topologies.bound import lower_bound
 
 # one request alone sleeps 8 / 80 = 0.1 s; batching buys nothing (batch_speedup 1), so only replicas add capacity
 SIM = "sim:tokens_per_s=80,answer_tokens=8"

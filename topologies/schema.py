@@ -246,6 +246,28 @@ class Topology(_Strict):
                   if getattr(spec, k) is None}
         return spec.model_copy(update=filled)
 
+    def with_overrides(self, *, model: str | None = None, judge: JudgeSpec | dict | None = None,
+                       store: dict | None = None, agents: dict[str, dict] | None = None) -> Topology:
+        """A copy with what a command overrides: ``model`` the default model (agents and judge, when
+        given), ``judge`` a new :class:`JudgeSpec` or ``{field: value}`` updates of this one, ``store``
+        updates of the store spec, ``agents`` ``{agent: {field: value}}`` updates per agent. Values are
+        taken as they are (as pydantic's ``model_copy``): callers pass checked ones. Source and line
+        map are kept."""
+        update: dict[str, object] = {}
+        if model:
+            update["defaults"] = self.defaults.model_copy(update={"model": model})
+        if judge is not None:
+            update["judge"] = judge if isinstance(judge, JudgeSpec) else self.judge.model_copy(update=judge)
+        if store:
+            update["store"] = self.store.model_copy(update=store)
+        if agents:
+            unknown = [a for a in agents if a not in self.agents]
+            if unknown:
+                raise KeyError(f"no agent {unknown[0]!r}; agents: {', '.join(self.agents)}")
+            update["agents"] = {name: spec.model_copy(update=agents[name]) if name in agents else spec
+                                for name, spec in self.agents.items()}
+        return self.model_copy(update=update) if update else self
+
     def predecessors(self, agent_id: str) -> list[str]:
         """Upstream agents of ``agent_id`` in edge order."""
         return [e.source for e in self.edges if e.target == agent_id]
