@@ -1,12 +1,10 @@
-"""Collecting concurrent requests into batches, and measuring what batching buys.
+"""Collecting concurrent requests into batches (what batching buys: ``kvjudge bench generate``).
 
 :class:`BatchQueue` is the agent actor's scheduler (no Ray here): callers on any thread
 :meth:`~BatchQueue.submit` an item and get a ``Future``; one worker thread takes the first waiting
 item, keeps collecting for ``window_s`` seconds or until ``max_batch`` items are in hand, runs
 ``run(batch) -> results`` once and resolves every caller's future (or fails them all with the
 batch's exception). One batch runs at a time, so the model is driven from one thread.
-
-:func:`bench_generation` times :meth:`Generator.generate_batch` at several batch sizes.
 """
 
 from __future__ import annotations
@@ -14,31 +12,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Generic, TypeVar
-
-from kvjudge.agents.base import GenRequest
-
-if TYPE_CHECKING:  # typing only: the agent actor's BatchQueue must not load torch for a simulated model
-    from kvjudge.agents.generate import Generator
-    from kvjudge.models import LoadedModel
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_BATCH = 8  # requests an agent actor batches at most (the makespan bound's sim capacity uses it too)
-
-BENCH_PROMPTS = (
-    "Write a short poem about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "List three prime numbers and say why they are prime.",
-    "What is the capital of France? Answer and add one fact about it.",
-    "Describe a cat to someone who has never seen one.",
-    "Give a recipe for toast.",
-    "Why do we sleep?",
-    "Name the planets of the solar system in order.",
-)
 
 
 class BatchQueue(Generic[T, R]):
@@ -117,37 +98,3 @@ class BatchQueue(Generic[T, R]):
                     self.busy_s += time.perf_counter() - t0
             for (_, fut), res in zip(batch, results):
                 fut.set_result(res)
-
-
-def bench_generation(model: LoadedModel | Generator, batch_sizes: Sequence[int] = (1, 4), new_tokens: int = 64,
-                     prompts: Sequence[str] = BENCH_PROMPTS, repeats: int = 1) -> dict:
-    """Greedy generation throughput per batch size (``new_tokens`` each, no early stop).
-
-    Returns ``{"batches": {B: {"seconds", "tokens", "tokens_per_s"}}, "speedup": {B: tok/s(B) / tok/s(first B)},
-    "new_tokens", "threads", "device"}``; the best of ``repeats`` runs counts, after one warm-up.
-    """
-    import torch
-
-    from kvjudge.agents.generate import Generator
-
-    gen = model if isinstance(model, Generator) else Generator(model)
-    gen.generate_batch([GenRequest(prompts[0], 4, keep_kv=False)])  # warm-up
-    rows: dict[int, dict] = {}
-    for b in batch_sizes:
-        reqs = [GenRequest(prompts[i % len(prompts)], new_tokens, keep_kv=False) for i in range(b)]
-        best = None
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            outs = gen.generate_batch(reqs, ignore_eos=True)
-            dt = time.perf_counter() - t0
-            best = dt if best is None or dt < best else best
-        n = sum(len(o.token_ids) for o in outs)
-        rows[b] = {"seconds": best, "tokens": n, "tokens_per_s": n / best}
-    base = rows[batch_sizes[0]]["tokens_per_s"]
-    return {
-        "batches": rows,
-        "speedup": {b: r["tokens_per_s"] / base for b, r in rows.items()},
-        "new_tokens": new_tokens,
-        "threads": torch.get_num_threads(),
-        "device": str(gen.lm.device),
-    }

@@ -323,7 +323,7 @@ def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parsers(sub: argparse._SubParsersAction) -> None:
-    """``bench judge``, ``bench run`` and ``bench compress``."""
+    """``bench judge``, ``bench run``, ``bench compress``, ``bench gates`` and ``bench generate``."""
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
     bj = bsub.add_parser("judge", help="time every judge method on the same cached candidates")
@@ -368,6 +368,15 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_debias(bc)
     bc.set_defaults(func=cmd_bench_compress)
     _bench_gates_parser(bsub)
+
+    bgen = bsub.add_parser("generate", help="greedy generation throughput per batch size of a real model")
+    _add_model(bgen, default="smollm2-135m")
+    bgen.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes; speed-ups are over the "
+                                                           "first (default 1,4)")
+    bgen.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request, no early stop (default 64)")
+    bgen.add_argument("--repeats", type=int, default=1, help="timed runs per batch size, the best counts (default 1)")
+    bgen.add_argument("--json", action="store_true")
+    bgen.set_defaults(func=cmd_bench_generate)
 
 
 # ---------------------------------------------------------------------------- the commands
@@ -627,7 +636,7 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kvjudge.app.render import bench_table
-    from kvjudge.experiments.bench import bench_judge
+    from kvjudge.experiments.bench.judge import bench_judge
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for flag in ("candidates", "candidate_tokens", "repeats"):
@@ -648,7 +657,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kvjudge.experiments.bench_run import bench_run, bench_table
+    from kvjudge.experiments.bench.run import bench_run, bench_table
 
     positive("limit", args.limit)
     positive("concurrency", args.concurrency)
@@ -692,7 +701,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compress(args: argparse.Namespace) -> int:
-    from kvjudge.experiments.compress_bench import bench_compress
+    from kvjudge.experiments.bench.compress import bench_compress
     from kvjudge.experiments.config import parse_seeds
 
     positive("limit", args.limit)
@@ -714,6 +723,30 @@ def cmd_bench_compress(args: argparse.Namespace) -> int:
         print(f"{p['method']:<10} kept {p['ratio']:<5g} {p['judge_method']:<8} JCR {jcr}  vs uncompressed "
               f"{p.get('jcr_vs_uncompressed')}  score shift {p.get('score_shift')}  bytes {p.get('store_bytes')}")
     print(f"-> {out / 'compress.json'}")
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from kvjudge.experiments.bench.generate import bench_generation
+    from kvjudge.models import load_model
+
+    positive("new-tokens", args.new_tokens)
+    positive("repeats", args.repeats)
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise UserError(f"--batch-sizes: give distinct positive integers, at least one (got {args.batch_sizes!r})")
+    result = bench_generation(load_model(args.model, device=checked_device(args.device)), sizes, args.new_tokens,
+                              repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for b, row in result["batches"].items():
+        print(f"batch {b:<3} {row['tokens_per_s']:8.2f} tokens/s  ({result['speedup'][b]:.2f}x)  "
+              f"{row['tokens']} tokens in {row['seconds']:.2f} s")
+    print(f"{result['new_tokens']} tokens per request, {result['threads']} threads, {result['device']}")
     return 0
 
 
@@ -808,7 +841,7 @@ def cmd_calibrate_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gates(args: argparse.Namespace) -> int:
-    from kvjudge.experiments.bench_gates import bench_gates
+    from kvjudge.experiments.bench.gates import bench_gates
     from kvjudge.experiments.config import parse_seeds
 
     for flag in ("calibration", "test"):

@@ -34,7 +34,7 @@ def verdict_table(verdict: Verdict, candidates: list[str]) -> Table:
 
 
 def bench_table(result: dict) -> Table:
-    """Median latency and ratio to dense per method, from :func:`kvjudge.experiments.bench.bench_judge`."""
+    """Median latency and ratio to dense per method, from :func:`kvjudge.experiments.bench.judge.bench_judge`."""
     cfg = result["config"]
     table = Table(
         caption=f"judge latency · {cfg['model']} · {cfg['candidates']} candidates × {cfg['candidate_tokens']} tokens"

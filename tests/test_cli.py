@@ -45,6 +45,8 @@ def test_judge_table_output(capsys):
         (["judge", "--problem", "@/no/such/file", "--candidate", "a"], "cannot read '/no/such/file'"),
         (["judge", "--model", "/no/such/model", "--problem", "p", "--candidate", "a"], "neither a built-in alias"),
         (["bench", "judge", "--candidates", "0"], "--candidates must be >= 1"),
+        (["bench", "generate", "--batch-sizes", "1,x"], "--batch-sizes: '1,x' is not a comma-separated list"),
+        (["bench", "generate", "--batch-sizes", "2,2"], "--batch-sizes: give distinct positive integers"),
         (["judge", "--problem", "p", "--candidate", "a", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -68,6 +70,19 @@ def test_bench_judge_json(capsys):
         assert row["median_ms"] > 0
         assert row["ratio_to_dense"] == pytest.approx(row["median_ms"] / rows["dense"]["median_ms"])
     assert rows["naive"]["reuse_rate"] == 1.0 and rows["dense"]["reuse_rate"] == 0.0
+
+
+def test_bench_generate_json(capsys):
+    code, out, err = _run(capsys, "bench", "generate", "--model", "tiny-llama", "--batch-sizes", "2,1",
+                          "--new-tokens", "5", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = result["batches"]
+    assert [int(b) for b in rows] == [2, 1] and result["new_tokens"] == 5
+    for b, row in rows.items():
+        assert row["tokens"] == int(b) * 5  # greedy, no early stop
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+        assert result["speedup"][b] == pytest.approx(row["tokens_per_s"] / rows["2"]["tokens_per_s"])
 
 
 def test_validate_ok_and_bad_yaml(capsys, tmp_path):

@@ -14,8 +14,8 @@ from kvjudge.cache.compress.laprox import LaProxPress, laprox_scores
 from kvjudge.cache.compat import cache_kwargs
 from kvjudge.cache.encoder import KVRunner
 from kvjudge.cache.segments import CompressedSegment, KVSegment, place, to_cache
-from kvjudge.experiments import compress_bench
-from kvjudge.experiments.compress_bench import bench_compress
+from kvjudge.experiments.bench import compress as compress_bench
+from kvjudge.experiments.bench.compress import bench_compress
 from kvjudge.judges import catalog as judge_catalog
 from kvjudge.judges.methods import METHODS
 from kvjudge.models import LoadedModel, byte_tokenizer, tiny_model

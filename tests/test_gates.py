@@ -250,7 +250,7 @@ def test_calibrate_gate_then_judge_with_it_and_refuse_another_mode(tmp_path, cap
 
 
 def test_bench_gates_frontier_on_held_out_problems(tmp_path):
-    from kvjudge.experiments.bench_gates import bench_gates
+    from kvjudge.experiments.bench.gates import bench_gates
 
     cal, test = tmp_path / "cal.jsonl", tmp_path / "test.jsonl"
     _write_sets(cal, 0, 12)

@@ -18,7 +18,7 @@ import torch
 from kvjudge.agents.actor import AgentActor
 from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segment, kill_store, put_segment
-from kvjudge.experiments.bench_run import bench_run, synthetic_problems
+from kvjudge.experiments.bench.run import bench_run, synthetic_problems
 from kvjudge.judges.actor import JudgeActor
 from kvjudge.runtime.runner import Orchestrator, Replicas, run
 from kvjudge.topologies import load_topology_text

@@ -14,7 +14,7 @@ from kvjudge.cache.compress.registry import CompressError, kept_count
 from kvjudge.cache.segments import CompressedSegment
 from kvjudge.cache.store import KVStore
 from kvjudge.experiments.candidates import load_candidates, with_agent_prompts
-from kvjudge.experiments.compress_bench import bench_compress
+from kvjudge.experiments.bench.compress import bench_compress
 from kvjudge.experiments.judging import compress_candidates, permutation, to_original
 from kvjudge.experiments.metrics import jcr
 from kvjudge.judges.candidate import answer_ids

@@ -1,6 +1,6 @@
 """``kvjudge bench gates``: the reuse frontier on held-out problems -- JCR against cost, per gate.
 
-Gates are calibrated on ``--calibration`` (:mod:`.calibrate_gate`: ``margin`` and ``risk``, one gate per
+Gates are calibrated on ``--calibration`` (:mod:`kvjudge.experiments.calibrate_gate`: ``margin`` and ``risk``, one gate per
 alpha and cheap path) and every point is measured on ``--test`` only (problems the calibration never
 saw). Each test call is judged once by dense, by each cheap path (its answer and margin, timed), by each
 cheap path with the risk probe (timed), and by DG-JKR. A gate's call is then composed from those
@@ -148,7 +148,7 @@ def bench_gates(calibration: str | Path, test: str | Path, out_dir: str | Path, 
                         "debias": debias, "alphas": list(alphas), "delta": delta, "cheaps": cheaps, "seeds": list(seeds),
                         "calibration": str(calibration), "test": str(test), "calibration_problems": len(cal_sets),
                         "test_problems": len(test_sets), "fit_share": fit_share,
-                        "latency": "composed per call from measured parts (see experiments/bench_gates.py)"}
+                        "latency": "composed per call from measured parts (see experiments/bench/gates.py)"}
     (out / "bench_gates.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / "frontier.md").write_text(markdown(result), encoding="utf-8")
     plot(result, out / "frontier.png")
