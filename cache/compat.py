@@ -18,7 +18,8 @@ runs the internals tests against the newest release the ranges allow):
   ``cache/encoder.py`` (``KVRunner.forward``, ``check_reindexable``), ``judges/engine.py``
   (``_decode``), ``agents/generate.py`` (``_complete``; ``generate(...)`` output cache),
   ``cache/compress/observe.py`` (``window_queries``), ``experiments/diagnostics/attention.py``
-  (``answer_attention``), ``experiments/diagnostics/hybrid.py`` (``hybrid_logprobs``);
+  (``answer_attention``), ``experiments/diagnostics/hybrid.py`` (``hybrid_logprobs``),
+  ``cache/encoder.py`` (``KVRunner.forward_partial``);
 * attention-module hooks that read the module's keyword arguments (``hidden_states``,
   ``position_embeddings`` = post-scaling ``(cos, sin)``, the cache via :func:`hook_cache`) and its
   attributes ``q_proj`` / ``k_proj`` / ``o_proj`` / ``q_norm`` / ``k_norm`` / ``head_dim`` /
@@ -32,8 +33,8 @@ runs the internals tests against the newest release the ranges allow):
   ``sdpa_attention_forward``) and ``MaskedCache(DynamicCache).update``: ``cache/compress/attention.py``;
 * ``DynamicCache(ddp_cache_data=..., config=...)``, ``cache.layers[i].keys`` / ``.values``,
   ``cache.update``, ``get_seq_length``: ``cache/segments.py`` (``to_cache``, ``from_cache``),
-  ``cache/compress/observe.py``, ``agents/generate.py`` (``_row_segment``),
-  ``experiments/diagnostics/hybrid.py``;
+  ``cache/encoder.py`` (``forward_partial``), ``cache/compress/observe.py``, ``agents/generate.py``
+  (``_row_segment``), ``experiments/diagnostics/hybrid.py``;
 * rotary embedding lookup (the first module with an ``inv_freq`` tensor) and the config fields
   ``rope_parameters`` / ``sliding_window`` / ``get_text_config``: ``cache/encoder.py``
   (``rotary_inv_freq``, ``check_reindexable``), ``models/loading.py``, ``models/tiny.py``;
