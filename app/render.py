@@ -1,4 +1,5 @@
-"""Rich renderables for verdicts and benchmark results (pure: data in, renderable out)."""
+"""Rich renderables for verdicts and benchmark results (pure: data in, renderable out); one builder
+per result, named after it (``verdict_table``, ``bench_judge_table``, ``bench_run_table``)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def verdict_table(verdict: Verdict, candidates: list[str]) -> Table:
     return table
 
 
-def bench_table(result: dict) -> Table:
+def bench_judge_table(result: dict) -> Table:
     """Median latency and ratio to dense per method, from :func:`kvjudge.experiments.bench.judge.bench_judge`."""
     cfg = result["config"]
     table = Table(
@@ -56,4 +57,37 @@ def bench_table(result: dict) -> Table:
             str(row["prefilled_tokens"]),
             *((f"{row['position_consistency']:.0%}",) if consensus else ()),
         )
+    return table
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def bench_run_table(result: dict) -> Table:
+    """A two-column summary of :func:`kvjudge.experiments.bench.run.bench_run`'s result."""
+    ratio = result["ratio_to_bound"]
+    store = result["store"]
+    rows = [
+        ("problems", f"{result['done']} ok / {result['problems']} ({result['failed']} failed)"),
+        ("replicas", ", ".join(f"{m}: {n}" for m, n in result["replicas"].items())),
+        ("concurrency", str(result["concurrency"])),
+        ("start-up", f"{result['startup_s']:.2f} s (until every replica was up; not in the makespan)"),
+        ("makespan", f"{result['makespan_s']:.2f} s"),
+        ("lower bound", f"{result['lower_bound_s']:.2f} s (critical path {result['critical_path_s']:.2f} s, "
+                        f"work/capacity {result['work_bound_s']:.2f} s, judge {result['judge_bound_s']:.2f} s; "
+                        f"from {result['bound_from']})"),
+        ("makespan / bound", f"{ratio:.2f}x" if ratio else "-"),
+        ("throughput", f"{result['throughput_per_s']:.2f} problems/s"),
+        ("agent utilisation", f"{100 * result['agent_utilisation']:.0f}% (mean batch {result['mean_batch']:.1f})"),
+        ("store bytes by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_by_node"].items()) or "-"),
+        ("bytes read by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_read_by_node"].items())
+         or "-"),
+        ("judge fetches", str(store["judge_fetches"])),
+    ]
+    table = Table(title=f"bench run {result['topology']} on {result['model']}")
+    for col in ("", "value"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
     return table

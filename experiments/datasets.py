@@ -134,6 +134,7 @@ DATASETS: dict[str, Dataset] = {
     "mmlu": Dataset("mmlu", load_mmlu, lambda p, text, unsafe_exec=False: check_mmlu(text, p["answer"]),
                     answer=extract_choice, strata="topic"),
 }
+DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)  # registry order; torch-free, for the CLI's choices
 
 
 def sandbox_for(dataset: str, unsafe_exec: bool = False) -> str | None:

@@ -85,6 +85,16 @@ def test_bench_generate_json(capsys):
         assert result["speedup"][b] == pytest.approx(row["tokens_per_s"] / rows["2"]["tokens_per_s"])
 
 
+def test_dataset_choices_come_from_the_registry():
+    from kvjudge.app.cli import build_parser
+    from kvjudge.experiments.datasets import DATASETS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("eval", "calibrate"):
+        dataset = next(a for a in sub[command]._actions if a.dest == "dataset")
+        assert tuple(dataset.choices) == tuple(DATASETS), command
+
+
 def test_validate_ok_and_bad_yaml(capsys, tmp_path):
     code, out, _ = _run(capsys, "validate", "debate")
     assert code == 0 and "debate: ok" in out and "rounds 2" in out

@@ -17,7 +17,8 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from kvjudge.app.dashboard import LiveReporter, fmt_bytes, fmt_duration, plain_line, render, watch
+from kvjudge.app.dashboard import LiveReporter, fmt_bytes, fmt_duration, plain_line, render
+from kvjudge.app.watch import watch
 from kvjudge.app.reporters import PlainReporter
 from kvjudge.runtime.telemetry import METRICS_NAMESPACE, MetricsPublisher, Snapshot, SnapshotTracker
 
@@ -245,6 +246,34 @@ def test_watch_plain_and_live(capsys):
     assert watch(lambda: next(seq), Console(file=buf, force_terminal=True, width=90), 0.001, live=True) == "the run finished"
     assert "KV store" in buf.getvalue()
     assert "store 12 entries 150.0 MiB/1.0 GiB" in plain_line(s1)
+
+
+def test_dashboard_module_is_pure_drawing():
+    import ast
+    from pathlib import Path
+
+    import kvjudge.app.dashboard as dashboard
+
+    tree = ast.parse(Path(dashboard.__file__).read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "ray" not in imported and not hasattr(dashboard, "connect_run")
+
+
+def test_bench_run_table_rows():
+    from kvjudge.app.render import bench_run_table
+
+    result = {"topology": "chain", "model": "sim:tokens_per_s=80", "problems": 4, "done": 3, "failed": 1,
+              "replicas": {"sim:tokens_per_s=80": 2}, "concurrency": 4, "startup_s": 0.5, "makespan_s": 2.0,
+              "lower_bound_s": 1.6, "critical_path_s": 0.4, "work_bound_s": 1.6, "judge_bound_s": 0.0,
+              "ratio_to_bound": 1.25, "throughput_per_s": 1.5, "agent_utilisation": 0.8, "mean_batch": 1.0,
+              "bound_from": "sim spec", "store": {"bytes_by_node": {"abcdef0123456789": 3 * 2**20},
+                                                  "bytes_read_by_node": {}, "judge_fetches": 12}}
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(bench_run_table(result))
+    text = buf.getvalue()
+    assert "bench run chain on sim:tokens_per_s=80" in text and "3 ok / 4 (1 failed)" in text
+    assert "1.25x" in text and "abcdef01: 3.00 MiB" in text and "80% (mean batch 1.0)" in text
 
 
 def test_dashboard_bad_interval(capsys):

@@ -159,32 +159,3 @@ def bench_run(topology: str | Path | Topology, model: str | None = None, problem
         "bound_from": "sim spec" if from_spec else "measured",
         "store": _store_figures(ok),
     }
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
-def bench_table(result: dict) -> dict:
-    """A two-column summary ``{"title", "columns", "rows"}`` (strings) for a rich table."""
-    ratio = result["ratio_to_bound"]
-    store = result["store"]
-    rows = [
-        ("problems", f"{result['done']} ok / {result['problems']} ({result['failed']} failed)"),
-        ("replicas", ", ".join(f"{m}: {n}" for m, n in result["replicas"].items())),
-        ("concurrency", str(result["concurrency"])),
-        ("start-up", f"{result['startup_s']:.2f} s (until every replica was up; not in the makespan)"),
-        ("makespan", f"{result['makespan_s']:.2f} s"),
-        ("lower bound", f"{result['lower_bound_s']:.2f} s (critical path {result['critical_path_s']:.2f} s, "
-                        f"work/capacity {result['work_bound_s']:.2f} s, judge {result['judge_bound_s']:.2f} s; "
-                        f"from {result['bound_from']})"),
-        ("makespan / bound", f"{ratio:.2f}x" if ratio else "-"),
-        ("throughput", f"{result['throughput_per_s']:.2f} problems/s"),
-        ("agent utilisation", f"{100 * result['agent_utilisation']:.0f}% (mean batch {result['mean_batch']:.1f})"),
-        ("store bytes by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_by_node"].items()) or "-"),
-        ("bytes read by node", ", ".join(f"{n[:8]}: {_mib(b)}" for n, b in store["bytes_read_by_node"].items())
-         or "-"),
-        ("judge fetches", str(store["judge_fetches"])),
-    ]
-    return {"title": f"bench run {result['topology']} on {result['model']}", "columns": ["", "value"],
-            "rows": [list(r) for r in rows]}
