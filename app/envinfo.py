@@ -101,7 +101,7 @@ def sandbox_info() -> dict[str, Any]:
     import shutil
 
     level = None
-    for module in ("kvjudge.sandbox", "kvjudge.sandbox.isolation", "kvjudge.experiments.sandbox"):
+    for module in ("kvjudge.sandbox", "kvjudge.sandbox.isolation"):
         try:
             probe = getattr(importlib.import_module(module), "isolation_level", None)
         except ImportError:

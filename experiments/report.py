@@ -2,6 +2,9 @@
 
 Everything is read from the summary dict that :func:`kvjudge.experiments.protocol.summarize`
 builds (fractions in [0, 1]; shown here as percentages).
+
+One module (~420 lines) on purpose: the five tables of one report share its formatting helpers, and
+each table's function is short.
 """
 
 from __future__ import annotations

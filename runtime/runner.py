@@ -5,8 +5,12 @@ while actors work), so a chain pipelines: while ``a2`` refines problem 1, ``a1``
 What a problem's agents are asked, and when, is :class:`~kvjudge.topologies.plan.ProblemPlan`
 (pure); requests for a model go to the least-loaded of its replicas, whose actors batch what
 arrives together. All actors start at once; problems start as soon as the judge and one replica per
-model are up, and each further replica takes work from the moment it is ready. Records are appended to ``OUT/results.jsonl`` as problems finish (order of
-completion), flushed and fsynced; ``--resume`` skips finished ids, and Ctrl-C keeps what finished.
+model are up, and each further replica takes work from the moment it is ready. Records are appended
+to ``OUT/results.jsonl`` as problems finish (order of completion), flushed and fsynced; ``--resume``
+skips finished ids, and Ctrl-C keeps what finished.
+
+One module (~520 lines) on purpose: the Orchestrator's start-up, dispatch and shutdown share its
+actors, locks and replica state, and :class:`Replicas` and the problem driver exist only for it.
 """
 
 from __future__ import annotations
