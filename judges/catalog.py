@@ -41,7 +41,8 @@ def ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: rank.get(m, len(rank)))
 
 
-def _option_value(text: str) -> object:
+def option_value(text: str) -> object:
+    """An option's text as its value: ``true``/``false``, ``none``/``null``, an int, a float, else the text."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -71,5 +72,5 @@ def parse_method_options(items: list[str] | tuple[str, ...]) -> dict[str, dict[s
         if key not in METHOD_OPTIONS[method]:
             known = ", ".join(METHOD_OPTIONS[method]) or "none"
             raise ValueError(f"--method-option: unknown option {key!r} for {method}; known: {known}")
-        out.setdefault(method, {})[key] = _option_value(value.strip())
+        out.setdefault(method, {})[key] = option_value(value.strip())
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from kvjudge.models.tiny import spec_id
 # once for the whole session. Ray caches the mode in the process at its first init, so a test that
 # flipped it for itself would leave later in-process clusters with a driver and a GCS that disagree.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# shared test data (tests/helpers.py) is imported as ``helpers``: --import-mode=importlib adds no folder to sys.path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",

@@ -90,13 +90,7 @@ def test_risk_model_recovers_a_logistic_truth():
 
 
 # ---------------------------------------------------------------------------- the selective method
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-CANDIDATES = [
-    "def add(a, b):\n    return a + b",
-    "def add(a, b):\n    return a - b  # wrong",
-    "add = lambda a, b: sum([a, b])",
-    "def add(a, b):\n    print(a, b)",
-]
+from helpers import CANDIDATES, PROBLEM
 ORDERS = [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2), (2, 0, 3, 1)]
 
 

@@ -20,15 +20,9 @@ from kvjudge.runtime.cluster import ClusterError, connect
 from kvjudge.runtime.results import ResultsError, ResultsLog
 from kvjudge.runtime.runner import Orchestrator, RunError
 
-SMALL = """
-name: small
-defaults: {model: tiny-llama, max_new_tokens: 6}
-agents:
-  a: {role: solver, prompt: "Solve: {problem}"}
-  b: {role: refiner, prompt: "Improve: {previous} for {problem}"}
-edges: [{source: a, target: b}]
-judge: {method: naive}
-"""
+from helpers import small_topology
+
+SMALL = small_topology(max_new_tokens=6, method="naive")
 
 
 def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:

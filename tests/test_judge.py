@@ -11,13 +11,7 @@ from kvjudge.judges.methods import known_methods, make_method
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
 
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-CANDIDATES = [
-    "def add(a, b):\n    return a + b",
-    "def add(a, b):\n    return a - b  # wrong",
-    "add = lambda a, b: sum([a, b])",
-    "def add(a, b):\n    print(a, b)",
-]
+from helpers import CANDIDATES, PROBLEM
 ALL = known_methods()
 
 

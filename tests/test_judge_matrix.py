@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES, Candidate
+from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.methods import known_methods
 from kvjudge.judges.parse import parse_choice
 from kvjudge.judges.prompt import JudgeInputError
-from kvjudge.models.chat import agent_prompt_ids
 
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-TEXTS = [
-    "def add(a, b):\n    return a + b",
-    "def add(a, b):\n    return a - b  # wrong",
-    "add = lambda a, b: sum([a, b])",
-]
-AGENT_PROMPT = "You are a careful programmer. " + PROBLEM
+from helpers import PROBLEM, agent_candidates
+
 FEW = 8  # decode budget in generate output (tiny random models ramble)
 
 
@@ -38,14 +32,6 @@ def _call(judge: Judge, cands, method: str):
         if judge.output != "generate" or "\n" in str(exc) or "label output" not in str(exc):
             raise
         return None
-
-
-def _candidates(lm, texts=TEXTS) -> list[Candidate]:
-    """Candidates as agents hand them over: their generated ids and the ids of the prompt they answered."""
-    tok = lm.tokenizer
-    prompt = tuple(agent_prompt_ids(tok, AGENT_PROMPT))
-    return [Candidate(t, tuple(tok(" " + t + "\n", add_special_tokens=False)["input_ids"]), prompt, f"agent-{i}")
-            for i, t in enumerate(texts)]
 
 
 def _judge(lm, mode: str, output: str) -> Judge:
@@ -70,7 +56,7 @@ def _well_formed(v, method: str, mode: str, output: str, n: int) -> None:
 @pytest.mark.parametrize("method", known_methods())
 def test_every_method_gives_a_well_formed_verdict_and_shuffles_only_reindex(tiny, method, mode, output):
     judge = _judge(tiny, mode, output)
-    cands = _candidates(tiny)
+    cands = agent_candidates(tiny)
     judge.judge(PROBLEM, cands, method="naive")  # every piece encoded once (a gate may not reuse on its first call)
     first = _call(judge, cands, method)
     if first is None:
@@ -85,7 +71,7 @@ def test_every_method_gives_a_well_formed_verdict_and_shuffles_only_reindex(tiny
 @pytest.mark.parametrize("method", known_methods())
 def test_one_candidate_in_judge_prefix_mode_equals_dense(tiny, method, output):
     judge = _judge(tiny, "judge_prefix", output)
-    cands = _candidates(tiny)[:1]
+    cands = agent_candidates(tiny)[:1]
     dense = judge.judge(PROBLEM, cands, method="dense")
     for _ in range(2):  # the second call runs on whatever state the first left (anchors, memo)
         v = _call(judge, cands, method)

@@ -19,23 +19,9 @@ from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models.chat import agent_prompt_ids
 
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-TEXTS = [
-    "def add(a, b):\n    return a + b",
-    "def add(a, b):\n    return a - b  # wrong",
-    "add = lambda a, b: sum([a, b])",
-]
-AGENT_PROMPT = "You are a careful programmer. " + PROBLEM
+from helpers import AGENT_PROMPT, PROBLEM, TEXTS, agent_candidates
+
 FEW = 12  # decode budget in generate tests (tiny random models ramble; keep runs short)
-
-
-def _agent_candidates(lm, texts=TEXTS) -> list[Candidate]:
-    """Candidates as an agent hands them over: the ids it generated (with the leading space and trailing
-    newline a generator may produce) and the ids of the chat prompt it answered."""
-    prompt = tuple(agent_prompt_ids(lm.tokenizer, AGENT_PROMPT))
-    tok = lm.tokenizer
-    return [Candidate(t, tuple(tok(" " + t + "\n", add_special_tokens=False)["input_ids"]), prompt, f"agent-{i}")
-            for i, t in enumerate(texts)]
 
 
 def _fresh_kv(lm, context, ids):
@@ -50,7 +36,7 @@ def _fresh_kv(lm, context, ids):
 def test_agent_and_isolated_one_candidate_naive_differs_from_dense(tiny, mode):
     """The candidate's KV was computed in another context: even alone, naive reuse is not dense."""
     judge = Judge(tiny, candidate_kv=mode)
-    cands = _agent_candidates(tiny)[:1]
+    cands = agent_candidates(tiny)[:1]
     case = judge.case(PROBLEM, cands)
     assert case.exact_first is False and case.candidate_kv == mode
     dense = judge.judge(PROBLEM, cands, method="dense")
@@ -71,7 +57,7 @@ def test_kvcomm_with_an_exact_anchor_reproduces_dense_for_one_foreign_candidate(
     on this very prompt brings it back to dense, where naive stays off."""
     judge = Judge(llama, candidate_kv=mode)
     judge.method("kvcomm", min_anchors=1)
-    cands = _agent_candidates(llama)[:1]
+    cands = agent_candidates(llama)[:1]
     assert not judge.judge(PROBLEM, cands, method="kvcomm").reused  # measured with dense
     again = judge.judge(PROBLEM, cands, method="kvcomm")
     dense = judge.judge(PROBLEM, cands, method="dense")
@@ -82,7 +68,7 @@ def test_kvcomm_with_an_exact_anchor_reproduces_dense_for_one_foreign_candidate(
 
 def test_agent_mode_slots_hold_the_agents_ids_verbatim(llama):
     judge = Judge(llama, candidate_kv="agent")
-    cands = _agent_candidates(llama)
+    cands = agent_candidates(llama)
     case = judge.case(PROBLEM, cands)
     assert case.prompt.candidates == tuple(c.token_ids for c in cands)
     assert case.prompt.ids() == [t for _, _, p in case.prompt.pieces() for t in p]
@@ -96,7 +82,7 @@ def test_agent_mode_slots_hold_the_agents_ids_verbatim(llama):
 
 def test_agent_mode_kv_equals_a_fresh_prefill_of_prompt_and_answer(tiny):
     judge = Judge(tiny, candidate_kv="agent")
-    cand = _agent_candidates(tiny)[1]
+    cand = agent_candidates(tiny)[1]
     req = judge.candidate_kv_request(PROBLEM, cand)
     assert req["mode"] == "agent" and req["context_ids"] == list(cand.prompt_ids)
     assert req["ids"] == list(cand.token_ids)
@@ -148,7 +134,7 @@ def test_isolated_mode_kv_is_the_answer_encoded_alone(llama):
 def test_agent_mode_without_prompt_is_a_one_line_error(llama):
     judge = Judge(llama, candidate_kv="agent")
     with pytest.raises(JudgeInputError, match=r"^candidate 2 has no agent_prompt") as err:
-        judge.judge(PROBLEM, [_agent_candidates(llama)[0], Candidate(TEXTS[1])])
+        judge.judge(PROBLEM, [agent_candidates(llama)[0], Candidate(TEXTS[1])])
     assert "\n" not in str(err.value)
     with pytest.raises(JudgeInputError, match="agent_prompt"):
         judge.candidate_kv_request(PROBLEM, TEXTS[0])
@@ -165,7 +151,7 @@ def test_agent_mode_without_prompt_is_a_one_line_error(llama):
 
 def test_candidate_kv_request_keys_follow_the_mode(llama):
     judge = Judge(llama)
-    cand = _agent_candidates(llama)[0]
+    cand = agent_candidates(llama)[0]
     modes = ("judge_prefix", "agent", "isolated")
     keys = {mode: judge.candidate_kv_request(PROBLEM, cand, mode=mode) for mode in modes}
     prefix = judge.case(PROBLEM, [cand]).prompt.prefix

@@ -20,12 +20,7 @@ from kvjudge.judges.prompt import JudgeInputError, build_prompt
 from kvjudge.models import LoadedModel, byte_tokenizer, tiny_model
 from kvjudge.models.tiny import spec_id
 
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-CANDIDATES = [
-    "def add(a, b):\n    return a + b",
-    "def add(a, b):\n    return a - b  # wrong",
-    "add = lambda a, b: sum([a, b])",
-]
+from helpers import PROBLEM, TEXTS as CANDIDATES
 SOURCES = ["a", "b", "c"]
 
 

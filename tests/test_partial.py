@@ -7,30 +7,21 @@ import pytest
 import torch
 
 from kvjudge.cache.probe import fresh_keys
-from kvjudge.judges.candidate import CANDIDATE_KV_MODES, Candidate
+from kvjudge.judges.candidate import CANDIDATE_KV_MODES
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.methods import make_method
 from kvjudge.judges.prompt import JudgeInputError
-from kvjudge.models.chat import agent_prompt_ids
 
-PROBLEM = "Write a function add(a, b) that returns the sum of a and b."
-TEXTS = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b  # wrong",
-         "add = lambda a, b: sum([a, b])"]
+from helpers import PROBLEM, TEXTS, agent_candidates
+
 ALL = 10_000  # more tokens than any piece here
-
-
-def _cands(lm):
-    tok = lm.tokenizer
-    prompt = tuple(agent_prompt_ids(tok, "You are a careful programmer. " + PROBLEM))
-    return [Candidate(t, tuple(tok(" " + t + "\n", add_special_tokens=False)["input_ids"]), prompt, f"a{i}")
-            for i, t in enumerate(TEXTS)]
 
 
 @pytest.mark.parametrize("output", ["label", "generate"])
 @pytest.mark.parametrize("mode", CANDIDATE_KV_MODES)
 def test_end_points_equal_naive_and_dense(tiny, mode, output):
     judge = Judge(tiny, candidate_kv=mode, output=output, max_new_tokens=6)
-    cands = _cands(tiny)
+    cands = agent_candidates(tiny)
     dense = judge.judge(PROBLEM, cands, method="dense")
     naive = judge.judge(PROBLEM, cands, method="naive")
     for opts, want in (({"recompute_first": 0}, naive), ({"recompute_first": 0, "blend": 0.0}, naive),
@@ -47,7 +38,7 @@ def test_end_points_equal_naive_and_dense(tiny, mode, output):
 
 def test_recompute_first_moves_scores_between_and_counts_tokens(llama):
     judge = Judge(llama, candidate_kv="agent")
-    cands = _cands(llama)
+    cands = agent_candidates(llama)
     case = judge.case(PROBLEM, cands)
     placed = judge.engine.pieces(case)
     k = 4

@@ -15,21 +15,15 @@ from kvjudge.runtime.results import ResultsLog
 from kvjudge.runtime.runner import Orchestrator, RunError, run
 from kvjudge.topologies import load_topology, load_topology_text, resolve_topology
 
+from helpers import small_topology
+
 PROBLEMS = [
     {"id": "p1", "prompt": "Write a Python function double(x) that returns 2 * x."},
     {"id": "p2", "prompt": "What is 17 + 25? Answer with a number."},
     {"id": "p3", "prompt": "Write a function is_even(n)."},
 ]
 
-SMALL = """
-name: small
-defaults: {model: tiny-llama, max_new_tokens: 8}
-agents:
-  a: {role: solver, prompt: "Solve: {problem}"}
-  b: {role: refiner, prompt: "Improve: {previous} for {problem}"}
-edges: [{source: a, target: b}]
-judge: {method: dg_jkr}
-"""
+SMALL = small_topology(max_new_tokens=8, method="dg_jkr")
 
 
 def _records(path: Path) -> list[dict]:

@@ -20,20 +20,9 @@ from kvjudge.topologies.loader import (
 )
 from kvjudge.topologies.schema import TopologyError
 
-BASE = """\
-name: t
-agents:
-  a:
-    role: solver
-    prompt: "Solve: {problem}"
-  b:
-    role: refiner
-    prompt: "Improve: {previous}"
-edges:
-  - {source: a, target: b}
-judge:
-  method: naive
-"""
+from helpers import TWO_AGENTS
+
+BASE = TWO_AGENTS
 
 
 def write(tmp_path: Path, text: str, name: str = "topo.yaml") -> Path:

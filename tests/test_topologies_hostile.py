@@ -27,20 +27,9 @@ from kvjudge.topologies.schema import (
     safe_name,
 )
 
-BASE = """\
-name: t
-agents:
-  a:
-    role: solver
-    prompt: "Solve: {problem}"
-  b:
-    role: refiner
-    prompt: "Improve: {previous}"
-edges:
-  - {source: a, target: b}
-judge:
-  method: naive
-"""
+from helpers import TWO_AGENTS
+
+BASE = TWO_AGENTS
 
 
 def refused(text: str, tmp_path: Path | None = None) -> str:

@@ -37,7 +37,7 @@ from kvjudge.cache.probe import attention_modules, fresh_keys
 from kvjudge.cache.segments import CompressedSegment
 from kvjudge.judges import methods as registry  # the registry package (attribute read at call time)
 from kvjudge.judges.base import JudgeCase, Outcome
-from kvjudge.judges.catalog import CHEAP_SHORTHAND, GATE_METHODS, method_options
+from kvjudge.judges.catalog import CHEAP_SHORTHAND, GATE_METHODS, method_options, option_value
 from kvjudge.judges.engine import JudgeEngine
 from kvjudge.judges.prompt import JudgeInputError
 
@@ -50,18 +50,6 @@ IDENTITY = ("model_id", "candidate_kv", "output", "prior", "cheap", "score")
 
 
 # ---------------------------------------------------------------------------- the cheap path's name
-def _value(text: str) -> object:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_cheap(spec: str) -> tuple[str, dict]:
     """``"partial:16"`` / ``"partial:recompute_first=16,blend=0.1"`` / ``"naive"`` -> ``(name, options)``
     (one-line :class:`JudgeInputError` for unknown names, options, dense or gate methods)."""
@@ -83,7 +71,7 @@ def parse_cheap(spec: str) -> tuple[str, dict]:
         if key not in method_options(name):
             known = ", ".join(method_options(name)) or "none"
             raise JudgeInputError(f"selective: unknown option {key!r} for cheap path {name!r}; known: {known}")
-        opts[key] = _value(val.strip())
+        opts[key] = option_value(val.strip())
     return name, opts
 
 
