@@ -156,9 +156,13 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
 
             class Start:
                 info: dict = {}
+                replicas: dict = {}  # the last status: replicas that came up after the run started are in it
 
                 def start(self, info):
                     Start.info = info
+
+                def status(self, **kw):
+                    Start.replicas = kw.get("replicas", Start.replicas)
 
                 def __getattr__(self, name):
                     return lambda *a, **k: None
@@ -168,7 +172,7 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
         finally:
             ray.shutdown()
         assert counts["done"] == 8 and counts["failed"] == 0
-        replica_nodes = [r["node_id"] for r in Start.info["replicas"][SIM_KV]]
+        replica_nodes = [r["node_id"] for r in Start.replicas[SIM_KV]]
         assert len(replica_nodes) == 4 and set(replica_nodes) == workers  # spread: both workers, never the head
         records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
         assert sorted(r["id"] for r in records) == sorted(p["id"] for p in problems)
