@@ -62,7 +62,7 @@ def test_run_against_a_ray_start_head_cluster(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-        assert [(r["id"], r["status"]) for r in records] == [("q1", "ok"), ("q2", "ok")]
+        assert sorted((r["id"], r["status"]) for r in records) == [("q1", "ok"), ("q2", "ok")]  # in order of completion
         assert all(r["verdict"]["reused"] for r in records)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
