@@ -70,5 +70,20 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
+EXIT_GRACE_S = 30.0  # after Ctrl-C / SIGTERM, how long the interpreter's exit may take
+
+
+def console() -> None:
+    """The ``kvjudge`` command: :func:`main`, then exit. After an interrupt (results already closed), a
+    daemon timer ends the process if the interpreter's exit (atexit hooks, Ray's among them, and the
+    threads it joins) has not within :data:`EXIT_GRACE_S`, so a stopped run never hangs."""
+    code = main()
+    if code in (130, 143):
+        timer = threading.Timer(EXIT_GRACE_S, lambda: (sys.stderr.flush(), os._exit(code)))
+        timer.daemon = True
+        timer.start()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

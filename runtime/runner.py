@@ -40,10 +40,16 @@ from kvjudge.topologies.schema import Topology
 
 READY_TIMEOUT_S = float(os.environ.get("KVJUDGE_READY_TIMEOUT", "600"))
 MAX_AUTO_REPLICAS = 8
+HALT_POLL_S = 0.5  # how often a problem thread's wait checks whether the run was stopped
+HALT_JOIN_S = 10.0  # how long a stopped run waits for its problem threads before shutting Ray down
 
 
 class RunError(ValueError):
     """A run that cannot go on (a model that does not load, an unplaceable actor); one line."""
+
+
+class Halted(RuntimeError):
+    """A problem thread's wait given up because the run was stopped (Ctrl-C, SIGTERM, an error)."""
 
 
 class _Quiet:
@@ -149,6 +155,7 @@ class Orchestrator:
         self._started_ray = False
         self._store_started: float | None = None
         self.store_restarts = 0
+        self._halt = threading.Event()  # set when the run ends early: problem threads stop waiting
 
     # ---------------------------------------------------------------- set-up
     def start(self) -> dict:
@@ -296,8 +303,22 @@ class Orchestrator:
         self._store_started = started
         return stats
 
+    def halt(self) -> None:
+        """Make every problem thread's pending wait end (:class:`Halted`) so none outlives the run."""
+        self._halt.set()
+
+    def _get(self, ref: Any) -> Any:
+        """``ray.get(ref)`` in short waits that give up once :meth:`halt` is called: a thread blocked in
+        a plain ``ray.get`` when Ray shuts down may never return, and the interpreter's exit joins it."""
+        while not self._halt.is_set():
+            done, _ = ray.wait([ref], timeout=HALT_POLL_S)
+            if done:
+                return ray.get(done[0])
+        raise Halted("the run was stopped")
+
     def stop(self) -> None:
         """Shut down the Ray we started, or else kill the actors we created on someone else's Ray."""
+        self._halt.set()
         if not ray.is_initialized():
             return
         if self._started_ray:
@@ -317,7 +338,7 @@ class Orchestrator:
         i = pool.pick()
         result = None
         try:
-            result = ray.get(pool.actors[i].generate.remote(request))
+            result = self._get(pool.actors[i].generate.remote(request))
             return result
         finally:
             pool.release(i, result)
@@ -326,12 +347,12 @@ class Orchestrator:
         """Ask the judge what KV it will look up for ``answer`` and have the agent's actor encode it;
         a failure only costs the judge an encode later."""
         try:
-            req = ray.get(self.judge.candidate_kv_request.remote(problem, answer, self.topology.judge.candidate_kv))
+            req = self._get(self.judge.candidate_kv_request.remote(problem, answer, self.topology.judge.candidate_kv))
             meta = {"agent": agent, "kind": "judge-candidate"}
             pool = self.pools[self.specs[agent].model]
             i = pool.pick()
             try:
-                ok = ray.get(pool.actors[i].encode.remote(req["context_ids"], req["ids"], req["key"], meta))
+                ok = self._get(pool.actors[i].encode.remote(req["context_ids"], req["ids"], req["key"], meta))
             finally:
                 pool.release(i)
             return req["key"] if ok else None
@@ -357,7 +378,7 @@ class Orchestrator:
                         self._finish_turn(plan, futures.pop(fut), fut, text, results)
             agents = list(self.topology.agents)
             candidates = [self._candidate(results[a]) for a in agents]
-            verdict = ray.get(self.judge.judge_candidates.remote(text, candidates, agents))
+            verdict = self._get(self.judge.judge_candidates.remote(text, candidates, agents))
             winner = verdict.get("winner")
             record = {
                 "id": problem["id"],
@@ -513,6 +534,9 @@ def _drive(orch: Orchestrator, todo: list[dict], results: ResultsLog, counts: di
                 reporter.status(store_restarts=orch.store_restarts)
         reporter.status(in_flight=0, replicas=orch.replicas_view())
     finally:
-        # Ctrl-C or an error: records already appended stay; problems still running are dropped
-        # (the Ray shutdown that follows unblocks their threads)
+        # Ctrl-C or an error: records already appended stay; problems still running are dropped. Their
+        # threads stop waiting (halt) and end before Ray shuts down, so the interpreter's exit, which
+        # joins them, cannot hang on a wait that Ray's shutdown never answers
+        orch.halt()
         pool.shutdown(wait=False, cancel_futures=True)
+        wait(in_flight, timeout=HALT_JOIN_S)
