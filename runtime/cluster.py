@@ -55,18 +55,28 @@ def connect(address: str | None, num_cpus: int | None = None, torch_tensors: boo
     if ray.is_initialized():
         return False
     # KV segments are never written in place after they are made: let Ray pass them zero-copy
-    env = {ZERO_COPY: os.environ.setdefault(ZERO_COPY, "1") if torch_tensors else "0"}
+    value = os.environ.setdefault(ZERO_COPY, "1") if torch_tensors else "0"
     warnings.filterwarnings("ignore", message=".*(Zero-copy tensor|NumPy array is not writable).*")
-    common = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    common = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
     if address:
         probe(address)
-        try:
-            ray.init(address=address, **common)
+        try:  # a cluster's workers learn the setting from the job's runtime env
+            ray.init(address=address, runtime_env={"env_vars": {ZERO_COPY: value}}, **common)
         except Exception as exc:
             reason = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {reason}") from None
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+        # an embedded Ray's workers inherit the environment its raylet starts with: no job runtime env,
+        # whose workers Ray cannot take from the pool it prestarts (that costs ~2 s of actor start-up)
+        before = os.environ.get(ZERO_COPY)
+        os.environ[ZERO_COPY] = value
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+        finally:
+            if before is None:
+                os.environ.pop(ZERO_COPY, None)
+            else:
+                os.environ[ZERO_COPY] = before
     return True
 
 

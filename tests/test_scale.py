@@ -78,11 +78,12 @@ def _ids(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sim_ray():
-    # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine. Zero-copy torch
-    # serialization off, as `kvjudge run` sets it for simulated models (Ray imports torch in every
-    # worker when it is on, see runtime/cluster.py)
-    ray.init(address="local", num_cpus=8, namespace="kvjudge", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "0"}})
+    # logical CPUs: sim agents sleep, so 4 replicas + the judge fit on any machine. Ray started the way
+    # `kvjudge run` starts it for simulated models: zero-copy torch serialization off in the workers
+    # (Ray imports torch in every worker when it is on, see runtime/cluster.py)
+    from kvjudge.runtime.cluster import connect
+
+    assert connect(None, num_cpus=8, torch_tensors=False)
     yield
     ray.shutdown()
 
