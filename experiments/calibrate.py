@@ -62,8 +62,11 @@ def content_free(candidate, text: str):
 
 
 def estimate(judge: Judge, items: Sequence[Item], methods: Sequence[str], kind: str = "pride",
-             progress: Callable[[str], None] | None = None) -> list[PriorTable]:
-    """One :class:`PriorTable` per candidate count among ``items`` (not saved), for the judge's modes."""
+             progress: Callable[[str], None] | None = None,
+             on_method: Callable[[PriorTable], None] | None = None) -> list[PriorTable]:
+    """One :class:`PriorTable` per candidate count among ``items``, for the judge's modes; not saved
+    here, but ``on_method(table)`` is called as each method's prior is complete (the CLI saves it then,
+    so an interrupted calibration keeps the methods it finished)."""
     if kind not in PRIOR_KINDS:
         raise PriorError(f"unknown prior kind {kind!r}; known: {', '.join(PRIOR_KINDS)}")
     if judge.output != "label":
@@ -79,18 +82,34 @@ def estimate(judge: Judge, items: Sequence[Item], methods: Sequence[str], kind: 
         table = PriorTable(judge.prior_key(kind, judge.candidate_kv, judge.output, n))
         ids = [it.task_id for it in group]
         for m in expand_methods(judge, methods):
+            tick = _ticker(progress, f"N={n} {m}", len(group))
             if kind == "pride":
-                rows = [[_raw(judge, it, m, rotation(n, r)) for r in range(n)] for it in group]
+                rows = [tick([_raw(judge, it, m, rotation(n, r)) for r in range(n)]) for it in group]
                 table.put(m, estimate_rotations(rows), n * len(group), ids)
             else:
-                calls = [_raw(judge, it, m, range(n), [content_free(c, t) for c in it.candidates])
-                         for it in group for t in CONTENT_FREE_TEXTS]
+                calls = []
+                for it in group:
+                    calls += tick([_raw(judge, it, m, range(n), [content_free(c, t) for c in it.candidates])
+                                   for t in CONTENT_FREE_TEXTS])
                 table.put(m, estimate_content_free(calls), len(calls), ids)
-            if progress:
-                progress(f"N={n} {m}: {len(group)} items")
+            if on_method:
+                on_method(table)
         tables.append(table)
     judge.reload_priors()
     return tables
+
+
+def _ticker(progress: Callable[[str], None] | None, what: str, total: int) -> Callable[[list], list]:
+    """Pass-through that reports ``what: i/total items`` every tenth item (and the last) to ``progress``."""
+    done = [0]
+    step = max(1, total // 10)
+
+    def tick(rows: list) -> list:
+        done[0] += 1
+        if progress and (done[0] % step == 0 or done[0] == total):
+            progress(f"{what}: {done[0]}/{total} items")
+        return rows
+    return tick
 
 
 def save(tables: Sequence[PriorTable], root: Path | None = None) -> list[Path]:

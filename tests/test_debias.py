@@ -240,3 +240,14 @@ def test_eval_calibrates_on_the_first_problems_and_leaves_them_out(tmp_path):
     assert all(r["debias"] == "pride" for r in records)
     with pytest.raises(ValueError, match="calibrate-on"):
         EvalConfig(dataset="gsm8k", out=tmp_path / "x", calibrate_on=2)  # a split without a debias mode
+
+
+def test_calibrate_reports_progress_and_hands_over_each_method_as_it_completes(llama, synthetic):
+    """estimate() reports items as it goes and calls on_method once per finished method, with that
+    method's prior already in the table (the CLI saves it then: an interrupt keeps finished methods)."""
+    judge = Judge(llama)
+    lines, seen = [], []
+    C.estimate(judge, _items(), ["dense", "naive"], "pride", progress=lines.append,
+               on_method=lambda t: seen.append(sorted(t.methods)))
+    assert seen == [["dense"], ["dense", "naive"]]
+    assert any(line.endswith(f"{len(_items())}/{len(_items())} items") for line in lines)

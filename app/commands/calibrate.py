@@ -73,7 +73,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     items = items_from_file(Path(path).expanduser(), judge, limit, offset, args.dataset, args.topology,
                             args.sample_seed)
     tables = estimate(judge, items, methods, args.judge_debias,
-                      progress=lambda line: print(f"calibrate: {line}", file=sys.stderr))
+                      progress=lambda line: print(f"calibrate: {line}", file=sys.stderr),
+                      on_method=lambda table: table.save())  # each method's prior kept as it completes
     print(render(tables, save(tables)))
     return 0
 
