@@ -270,3 +270,20 @@ def test_error_is_a_value_error():
     assert issubclass(TopologyError, ValueError)
     graph = build_graph(load_topology(BASE))
     assert isinstance(graph, nx.DiGraph)
+
+
+def test_content_free_with_generated_answers_is_refused_where_written(tmp_path):
+    """content_free debiasing needs label scores: in a file it names judge.debias; as a run override
+    (--judge-debias content_free --judge-output generate) it is one line, before any actor starts."""
+    msg = error_for(tmp_path, BASE.replace("judge:\n  method: naive\n",
+                                           "judge:\n  method: naive\n  output: generate\n  debias: content_free\n"))
+    assert "judge.debias: content_free needs judge.output: label" in msg and "(got 'content_free')" in msg
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kvjudge.app.cli", "run", str(write(tmp_path, BASE, "ok.yaml")),
+                           "--problems", str(write(tmp_path, '{"id": "p", "prompt": "x"}\n', "p.jsonl")),
+                           "--judge-debias", "content_free", "--judge-output", "generate", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "content_free needs label output" in proc.stderr and not (tmp_path / "o").exists()

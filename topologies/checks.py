@@ -129,6 +129,10 @@ def _check_judge(topo: Topology) -> None:
             raise topo.error(where, "must be a number in [0, 1]", got=value)
         if key == "seed" and not (type(value) is int and 0 <= value <= MAX_SEED):
             raise topo.error(where, f"must be an integer in [0, {MAX_SEED}]", got=value)
+    if judge.debias == "content_free" and judge.output == "generate":
+        raise topo.error(("judge", "debias"), "content_free needs judge.output: label (a generated answer has no "
+                                              "label scores); with output: generate use pride (the rotation vote)",
+                         got=judge.debias)
 
 
 def _check_option_value(topo: Topology, where: tuple, value: object) -> None:

@@ -19,6 +19,7 @@ from kvjudge.app.commands.common import (
     stop_code,
 )
 from kvjudge.experiments.datasets import DATASET_NAMES
+from kvjudge.judges.debias import check_debias
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     positive("judge-permutations", args.judge_permutations)
     if modes:
         topo = topo.with_overrides(judge=modes)
+        check_debias(topo.judge.debias, topo.judge.output, topo.judge.permutations)  # the combination overridden
     if args.compress is not None:
         from kvjudge.topologies.schema import CompressSpec
 
