@@ -118,7 +118,7 @@ def collect_calls(judge: Judge, sets: Sequence[GateSet], seeds: Sequence[int], c
             rec["identity"] = margin_m.fitted_identity(judge.engine, judge.case(g.problem, shown, sources))
             calls.append(rec)
             if progress:
-                progress(f"{g.cs.task_id} seed {seed}")
+                progress(f"{cheap}: {len(calls)}/{len(sets) * len(seeds)} {g.cs.task_id} seed {seed}")
     return calls
 
 

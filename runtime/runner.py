@@ -9,7 +9,7 @@ model are up, and each further replica takes work from the moment it is ready. R
 to ``OUT/results.jsonl`` as problems finish (order of completion), flushed and fsynced; ``--resume``
 skips finished ids, and Ctrl-C keeps what finished.
 
-One module (~520 lines) on purpose: the Orchestrator's start-up, dispatch and shutdown share its
+One module (~540 lines) on purpose: the Orchestrator's start-up, dispatch and shutdown share its
 actors, locks and replica state, and :class:`Replicas` and the problem driver exist only for it.
 """
 

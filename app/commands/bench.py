@@ -208,7 +208,7 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
                          float_list("alphas", args.alphas), args.delta, args.cheap, args.data_calibration, args.data_test,
                          args.candidate_kv, args.judge_debias, parse_seeds(args.seeds), args.limit_calibration,
                          args.limit_test, args.fit_share, not args.no_dg_jkr, checked_device(args.device),
-                         progress=None if args.json else (lambda d: print(f"judging {d}", file=sys.stderr)))
+                         progress=lambda d: print(f"judging {d}", file=sys.stderr))  # stderr: --json's stdout stays JSON
     if args.json:
         print(json.dumps(result))
     else:
