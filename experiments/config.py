@@ -46,6 +46,7 @@ class EvalConfig:
     judge_debias: str = "none"  # none | pride | content_free (kvjudge.judges.debias)
     judge_permutations: int = 1  # K > 1: permutation consensus over K cyclic rotations
     calibrate_on: int = 0  # estimate the debias priors on the first K problems, judge (and score) only the rest
+    rescore_from: Path | None = None  # an eval folder whose dense/naive/partial calls are re-scored, not re-judged
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

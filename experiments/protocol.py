@@ -41,6 +41,7 @@ from kvjudge.experiments.datasets import describe_sample, grade_candidates, load
 from kvjudge.experiments.judging import judge_all, record_key, running_metrics, shown_candidates
 from kvjudge.experiments.plots import write_plots
 from kvjudge.experiments.report import write_report
+from kvjudge.experiments.rescore import check_source, rescore
 from kvjudge.experiments.summary import summarize
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
@@ -106,6 +107,11 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
     bar = progress or _Silent()
     try:
+        if cfg.rescore_from is not None:  # the same forward passes under another prior: no judging
+            rescored = rescore(judge, check_source(cfg.rescore_from, eval_manifest(cfg)), log, task_ids, cfg.seeds,
+                               cfg.methods, passes, str(cfg.rescore_from))
+            if verbose:
+                print(f"re-scored {rescored} calls of {cfg.rescore_from}", file=sys.stderr)
         todo = sum(1 for s in cfg.seeds for t in task_ids for m in cfg.methods if (t, s, m) not in log)
         bar.start(todo, f"eval {cfg.dataset}")
         with _timed(timings, "judging_s"):
@@ -122,7 +128,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     timings["total_s"] = time.perf_counter() - t_start
     config = run_config(cfg, lm, sets, task_ids, passes, source, used, skipped, timings)
     config["sandbox_isolation"] = sandbox
-    config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration)
+    config.update(judge_debias=cfg.judge_debias, judge_permutations=cfg.judge_permutations, calibration=calibration,
+                  rescore_from=None if cfg.rescore_from is None else str(cfg.rescore_from))
     config.update(offset=cfg.offset, sample_seed=cfg.sample_seed, **sampling_settings(cfg),
                   sample=describe_sample(cfg.dataset, problems, cfg.limit, cfg.offset, cfg.sample_seed))
     summary = {"config": config, **summary}

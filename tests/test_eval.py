@@ -313,3 +313,41 @@ def test_gate_draws_are_uniform_across_problems():
     draws = [random.Random(gate_seed(s, f"mmlu/{i}")).random() for s in (42, 123, 456) for i in range(200)]
     assert 0.82 < sum(d < 0.87 for d in draws) / len(draws) < 0.92
     assert max(draws) > 0.95 and min(draws) < 0.05
+
+
+def test_rescore_from_equals_judging_under_the_other_prior(synthetic, tmp_path, monkeypatch):
+    """--rescore-from: a raw run's dense and naive calls re-scored under a pride prior give, call for
+    call, the winners and scores that judging again with that prior gives; other methods are judged."""
+    from kvjudge.judges.debias import PriorTable, log_softmax
+    from kvjudge.judges.judge import Judge
+    from kvjudge.models import load_model
+
+    monkeypatch.setenv("KVJUDGE_CACHE", str(tmp_path / "cache"))
+    root, data, cands = synthetic
+    key = Judge(load_model("tiny-llama")).prior_key("pride", "judge_prefix", "label", 4)
+    table = PriorTable(key)
+    for m, prior in (("dense", [0.0, 0.5, 1.0, 3.0]), ("naive", [2.0, 0.0, 0.5, 0.0]), ("kvcomm", [0.0] * 4)):
+        table.put(m, log_softmax(prior), 4, ["x"])
+    table.save()
+
+    def cfg(out, debias, methods="dense,naive", rescore=None):
+        return EvalConfig(dataset="gsm8k", out=tmp_path / out, model="tiny-llama", methods=methods, seeds="42,123",
+                          candidates=cands, data=str(data), candidate_kv="judge_prefix", judge_debias=debias,
+                          rescore_from=rescore)
+
+    evaluate(cfg("raw", "none"), progress=False)
+    evaluate(cfg("re", "pride", "dense,naive,kvcomm", rescore=tmp_path / "raw"), progress=False)
+    evaluate(cfg("judged", "pride"), progress=False)
+    read = lambda out: {record_key(r): r for r in map(json.loads, (tmp_path / out / "results.jsonl").open())}  # noqa: E731
+    raw, re_, judged = read("raw"), read("re"), read("judged")
+    assert len(judged) == 4 * 2 * 2 and set(judged) < set(re_)
+    for k, r in judged.items():
+        assert re_[k]["rescored_from"] == str(tmp_path / "raw") and re_[k]["debias"] == "pride"
+        assert re_[k]["winner_slot"] == r["winner_slot"] and re_[k]["consistent"] == r["consistent"]
+        assert re_[k]["scores"] == pytest.approx(r["scores"], abs=1e-4)
+    assert any(raw[k]["winner_slot"] != r["winner_slot"] for k, r in judged.items())  # the prior mattered
+    assert all("rescored_from" not in r for k, r in re_.items() if k[2] == "kvcomm")  # judged, not re-scored
+    with pytest.raises(ValueError, match="candidate_kv"):
+        evaluate(EvalConfig(dataset="gsm8k", out=tmp_path / "bad", model="tiny-llama", methods="dense", seeds="42",
+                            candidates=cands, data=str(data), candidate_kv="isolated", judge_debias="pride",
+                            rescore_from=tmp_path / "raw"), progress=False)

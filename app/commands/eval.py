@@ -51,6 +51,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--calibrate-on", type=int, default=0, metavar="K",
                    help="with --judge-debias: estimate the slot priors on the first K problems of the order and "
                         "judge and score only the rest (summary.json lists them under config.calibration)")
+    e.add_argument("--rescore-from", default=None, metavar="DIR",
+                   help="an eval folder of the same candidates, model and modes: its dense, naive and partial calls "
+                        "are re-scored under this run's --judge-debias (same forward passes, prior swapped) instead "
+                        "of judged again; other methods are judged")
     e.add_argument("--unsafe-exec", action="store_true",
                    help="grade generated code even when no sandbox isolation is available (not recommended)")
     add_method_options(e, gate=True)
@@ -78,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         offset=args.offset, sample_seed=args.sample_seed, temperature=args.temperature,
         generation_seed=args.generation_seed, judge_debias=args.judge_debias or "none",
         judge_permutations=args.judge_permutations or 1, calibrate_on=args.calibrate_on,
+        rescore_from=Path(args.rescore_from).expanduser() if args.rescore_from else None,
     )
     cfg.method_options = method_options_of(args) or None
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
