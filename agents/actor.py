@@ -28,7 +28,7 @@ from kvjudge.agents.base import GenRequest, Generation, GeneratorLike
 from kvjudge.agents.batching import MAX_BATCH, BatchQueue
 from kvjudge.agents.sim import SimGenerator
 from kvjudge.cache.keys import segment_key
-from kvjudge.cache.store_actor import get_store, put_segment
+from kvjudge.cache.store_actor import STORE_WAIT_S, get_store, put_segment
 from kvjudge.models.sim import is_sim_spec, parse_sim_spec
 
 WINDOW_S = 0.01
@@ -64,7 +64,10 @@ class _AgentActorImpl:
         self.tokens = 0
         self._count_lock = threading.Lock()
         if store_name:
-            self.store = get_store(store_name, namespace)
+            try:
+                self.store = get_store(store_name, namespace, wait_s=STORE_WAIT_S)
+            except ValueError as exc:  # reported by ready(), in one line
+                self.error = str(exc)
         self.compress = compress if compress and compress.get("method", "none") != "none" else None
 
     def ready(self) -> dict:

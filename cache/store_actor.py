@@ -165,9 +165,25 @@ def get_or_create_store(
     return handle
 
 
-def get_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> "ray.actor.ActorHandle":
-    """The existing store actor ``name`` (``ValueError`` when there is none): never creates one."""
-    return ray.get_actor(name, namespace=namespace)
+STORE_WAIT_S = 10.0  # how long an actor looks for the store (registered by its creator, or restarting)
+
+
+def get_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None,
+              wait_s: float = 0.0) -> "ray.actor.ActorHandle":
+    """The existing store actor ``name``, never creating one; looked up again for up to ``wait_s``
+    seconds (an actor started right after the store's creation may look before Ray has its name), then
+    a one-line ``ValueError``."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise ValueError(f"no KV store actor {name!r} in namespace {namespace!r} "
+                                 f"(looked for {wait_s:g} s)") from None
+            time.sleep(0.2)
 
 
 def kill_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None) -> bool:

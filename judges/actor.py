@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ray
 
-from kvjudge.cache.store_actor import get_segment, get_store
+from kvjudge.cache.store_actor import STORE_WAIT_S, get_segment, get_store
 from kvjudge.judges.base import JudgeLike
 from kvjudge.judges.candidate import DEFAULT_MAX_NEW_TOKENS, as_candidates
 from kvjudge.judges.sim import SimJudge
@@ -40,10 +40,10 @@ class _JudgeActorImpl:
                  num_threads: int = 1, candidate_kv: str = "judge_prefix", output: str = "label",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, debias: str = "none", permutations: int = 1) -> None:
         self.error: str | None = None
-        self.store = get_store(store_name, namespace) if store_name else None
-        # segments come straight from the node that made them; anything lost is a miss (re-encoded)
-        fetch = (lambda key: get_segment(self.store, key)) if self.store is not None else None
-        try:
+        try:  # ready() reports a failure here in one line, as it does a model that does not load
+            self.store = get_store(store_name, namespace, wait_s=STORE_WAIT_S) if store_name else None
+            # segments come straight from the node that made them; anything lost is a miss (re-encoded)
+            fetch = (lambda key: get_segment(self.store, key)) if self.store is not None else None
             self.judge: JudgeLike = make_judge(model, method, options, num_threads, candidate_kv=candidate_kv,
                                                output=output, max_new_tokens=max_new_tokens, fetch=fetch,
                                                debias=debias, permutations=permutations)

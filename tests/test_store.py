@@ -237,3 +237,29 @@ def test_store_outlives_writer_actor(ray_ctx):
         assert got is not None and torch.equal(got.keys, segment(6, seed=seed).keys)
         assert call(get_store(name), "meta", "k") == {"writer": seed}
     assert kill_store("t-by-writer") and not kill_store("t-nonexistent")
+
+
+def test_get_store_waits_for_a_store_that_appears_and_names_one_that_never_does():
+    """An actor started right after the store's creation may look it up first: get_store looks again
+    for wait_s, then fails in one line naming the store."""
+    import threading
+    import time
+
+    import ray
+
+    from kvjudge.cache.store_actor import get_or_create_store, get_store, kill_store
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ValueError, match="no KV store actor 'late-store' in namespace 'kvjudge' \\(looked for 0.5 s\\)"):
+            get_store("late-store", "kvjudge", wait_s=0.5)
+        threading.Timer(0.6, lambda: get_or_create_store("late-store", namespace="kvjudge")).start()
+        t0 = time.monotonic()
+        handle = get_store("late-store", "kvjudge", wait_s=20)
+        assert time.monotonic() - t0 >= 0.5 and ray.get(handle.stats.remote())["entries"] == 0
+    finally:
+        kill_store("late-store", namespace="kvjudge")
+        if started:
+            ray.shutdown()
