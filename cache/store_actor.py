@@ -48,6 +48,7 @@ The byte budget counts each segment's ``SegmentRef.nbytes``, wherever its bytes 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -173,8 +174,6 @@ def get_store(name: str = DEFAULT_STORE_NAME, namespace: str | None = None,
     """The existing store actor ``name``, never creating one; looked up again for up to ``wait_s``
     seconds (an actor started right after the store's creation may look before Ray has its name), then
     a one-line ``ValueError``."""
-    import time
-
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 from kvjudge.experiments.judging import judge_record, permutation
+from kvjudge.judges.base import Verdict
 from kvjudge.judges.debias import prior_path, read_table
 from kvjudge.runtime.results import ResultsLog
 
@@ -61,6 +61,13 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
     """Append to ``log`` the re-scored record of every (problem, seed, re-scorable method) it lacks and
     ``records`` hold (dense first: the others' consistency is against it); returns how many."""
     by_key = {(str(r["task_id"]), int(r["seed"]), r["method"]): r for r in records}
+    priors: dict[tuple[str, str, int], list[float]] = {}  # (debias, method, n) -> prior, read once
+
+    def prior(debias: str, method: str, n: int) -> list[float]:
+        if (debias, method, n) not in priors:
+            priors[debias, method, n] = log_prior(judge, debias, method, n)
+        return priors[debias, method, n]
+
     order = ["dense"] + [m for m in methods if m in RESCORABLE and m != "dense"]
     added = 0
     for seed in seeds:
@@ -72,14 +79,14 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
                 n = len(src["scores"])
                 if list(src["permutation"]) != permutation(seed, tid, n):
                     raise ValueError(f"--rescore-from: {tid} seed {seed} was judged under another permutation")
-                old, new = log_prior(judge, src.get("debias", "none"), m, n), log_prior(judge, judge.debias, m, n)
+                old, new = prior(src.get("debias", "none"), m, n), prior(judge.debias, m, n)
                 scores = [s + a - b for s, a, b in zip(src["scores"], old, new)]
                 winner = max(range(n), key=lambda i: (scores[i], -i)) + 1
-                verdict = SimpleNamespace(
-                    method=m, winner=winner, reused=src["reused"], latency_ms=src["latency_ms"],
-                    decision=src.get("decision"), gate=src.get("gate"), scores=scores,
-                    prefilled_tokens=src["prefilled_tokens"], encoded_tokens=src["encoded_tokens"], output="label",
-                    candidate_kv=src.get("candidate_kv", "judge_prefix"), debias=judge.debias, consensus=None)
+                verdict = Verdict(
+                    method=m, winner=winner, scores=scores, reused=src["reused"], latency_ms=src["latency_ms"],
+                    prefilled_tokens=src["prefilled_tokens"], encoded_tokens=src["encoded_tokens"],
+                    decision=src.get("decision"), gate=src.get("gate"),
+                    candidate_kv=src.get("candidate_kv", "judge_prefix"), debias=judge.debias)
                 dense = log.get((tid, seed, "dense"))
                 log.append(judge_record(tid, seed, list(src["permutation"]), verdict, passes[tid], dense,
                                         {"rescored_from": source}))

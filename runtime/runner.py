@@ -318,7 +318,7 @@ class Orchestrator:
 
     def stop(self) -> None:
         """Shut down the Ray we started, or else kill the actors we created on someone else's Ray."""
-        self._halt.set()
+        self.halt()
         if not ray.is_initialized():
             return
         if self._started_ray:

@@ -20,7 +20,7 @@ from kvjudge.app.commands.common import (
 from kvjudge.experiments.datasets import DATASET_NAMES
 from kvjudge.judges.candidate import CANDIDATE_KV_MODES, OUTPUT_MODES
 from kvjudge.judges.catalog import METHOD_ORDER
-from kvjudge.judges.debias import DEBIAS_MODES
+from kvjudge.judges.debias import DEBIAS_MODES, prior_path
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from kvjudge.experiments.calibrate import estimate, generated_file, items_from_file, render, save
+    from kvjudge.experiments.calibrate import estimate, generated_file, items_from_file, render
     from kvjudge.judges.judge import Judge
     from kvjudge.models import load_model
 
@@ -75,7 +75,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     tables = estimate(judge, items, methods, args.judge_debias,
                       progress=lambda line: print(f"calibrate: {line}", file=sys.stderr),
                       on_method=lambda table: table.save())  # each method's prior kept as it completes
-    print(render(tables, save(tables)))
+    print(render(tables, [prior_path(t.key) for t in tables]))  # all saved by now
     return 0
 
 
