@@ -183,8 +183,7 @@ class _Step:
         tid = str(problem["id"])
         cs = self.sets[tid]
         perm = permutation(seed, tid, len(cs.candidates))
-        mode = getattr(self.judge, "candidate_kv", "judge_prefix")
-        shown, sources = shown_candidates(cs, perm, mode, getattr(getattr(self.judge, "lm", None), "model_id", None))
+        shown, sources = shown_candidates(cs, perm, self.judge.candidate_kv, self.judge.model_id)
         self.judge.prefetch(problem["prompt"], shown)  # the store would hold these: not part of any latency
         if self.compress:
             compress_candidates(self.judge, problem["prompt"], shown, self.compress)

@@ -28,6 +28,8 @@ METHODS = ["dense", "naive", "kvcomm", "pal_kv", "random_gate", "dg_jkr"]
 class StubJudge:
     """dense picks the candidate containing WIN; naive always picks display slot 1."""
 
+    candidate_kv, model_id = "judge_prefix", "stub"
+
     def __init__(self) -> None:
         self.calls = []
 
