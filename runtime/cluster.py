@@ -7,15 +7,18 @@ compares each actor's request with what the nodes offer before anything is start
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 
 import ray
 
 NAMESPACE = "kvjudge"
 ZERO_COPY = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 PROBE_TIMEOUT_S = 5.0
+API_SERVER_ENV = "KVJUDGE_RAY_API_SERVER"  # "1": an embedded Ray starts its API server as usual
 
 
 class ClusterError(ValueError):
@@ -71,13 +74,46 @@ def connect(address: str | None, num_cpus: int | None = None, torch_tensors: boo
         before = os.environ.get(ZERO_COPY)
         os.environ[ZERO_COPY] = value
         try:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+            with _lean_head():
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         **common)
         finally:
             if before is None:
                 os.environ.pop(ZERO_COPY, None)
             else:
                 os.environ[ZERO_COPY] = before
     return True
+
+
+@contextlib.contextmanager
+def _lean_head() -> Iterator[None]:
+    """An embedded Ray started inside this block starts neither its API server nor its autoscaler monitor.
+
+    **Ray private API** (``ray._private.node.Node.start_api_server`` and ``Node.start_monitor``; tested
+    with Ray 2.60 and the newest release the range allows, ``tests/test_cluster.py``). ``ray.init``
+    starts both processes even with ``include_dashboard=False``: it waits until the API server (Ray's
+    ``dashboard.py``, which then serves Ray's state and job APIs and usage stats) has registered, about
+    0.9 s on a quiet 2-core machine, and at ``ray.shutdown`` the monitor ignores SIGTERM until Ray kills
+    it 1 s later. A one-node embedded Ray autoscales nothing, and kvjudge uses none of those APIs (its own
+    dashboard reads the run's metrics actor), so an embedded run skips both; a cluster started with
+    ``ray start`` keeps its own. ``KVJUDGE_RAY_API_SERVER=1`` (or a Ray without these methods) starts
+    them as usual, e.g. for ``ray list actors`` against an embedded run."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        Node = None  # type: ignore[assignment,misc]
+    names = ("start_api_server", "start_monitor", "start_log_monitor")
+    originals = {n: getattr(Node, n, None) for n in names}
+    if None in originals.values() or os.environ.get(API_SERVER_ENV, "") not in ("", "0"):
+        yield
+        return
+    for n in names:
+        setattr(Node, n, lambda self, **_: None)
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(Node, n, fn)
 
 
 def node_resources() -> list[dict[str, float]]:

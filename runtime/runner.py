@@ -82,7 +82,10 @@ class Replicas:
 
     ``ready[i]``: replica ``i`` answered ``ready()`` (default: all are). A replica still starting
     (``state: "starting"``) gets no work until :meth:`mark_ready`; one that failed to start
-    (:meth:`mark_failed`, ``state: "failed"``) never does.
+    (:meth:`mark_failed`, ``state: "failed"``) never does. While some replica is still starting, a
+    request waits for a ready replica with nothing in flight rather than queueing behind a busy one:
+    work handed to a busy replica stays there, and the replicas about to come up would then idle
+    (measured: 8 problems started on the first replica up made the 8 x 4 sim run 1.4x its bound).
     """
 
     actors: list
@@ -91,7 +94,7 @@ class Replicas:
     load: list[int] = field(default_factory=list)
     stats: list[dict] = field(default_factory=list)
     ready: list[bool] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         n = len(self.actors)
@@ -107,16 +110,28 @@ class Replicas:
             self.nodes[i], self.node_ids[i] = str(info.get("node", "?")), str(info.get("node_id", "?"))
             self.ready[i] = True
             self.stats[i]["state"] = "busy" if self.load[i] else "idle"
+            self._lock.notify_all()
 
     def mark_failed(self, i: int, why: str) -> None:
         """Replica ``i`` did not start (the others serve on): it never takes work."""
         with self._lock:
             self.ready[i] = False
             self.stats[i].update(state="failed", error=why)
+            self._lock.notify_all()
 
-    def pick(self) -> int:
+    def pick(self, halt: threading.Event | None = None) -> int:
+        """The least-loaded ready replica, its load counted; while replicas are still starting, waits
+        until a ready one is idle or none is starting (:class:`Halted` once ``halt`` is set)."""
         with self._lock:
-            up = [j for j in range(len(self.actors)) if self.ready[j]]
+            while True:
+                up = [j for j in range(len(self.actors)) if self.ready[j]]
+                starting = any(not self.ready[j] and self.stats[j]["state"] == "starting"
+                               for j in range(len(self.actors)))
+                if up and (not starting or any(self.load[j] == 0 for j in up)):
+                    break
+                if halt is not None and halt.is_set():
+                    raise Halted("the run was stopped")
+                self._lock.wait(HALT_POLL_S)
             i = min(up, key=lambda j: (self.load[j], j))
             self.load[i] += 1
             self.stats[i]["state"] = "busy"
@@ -129,6 +144,7 @@ class Replicas:
                 self.stats[i]["tokens_per_s"] = float(result.get("tokens_per_s", 0.0) or 0.0)
                 self.stats[i]["batch"] = int(result.get("batch_size", 1) or 1)
             self.stats[i]["state"] = "busy" if self.load[i] else "idle"
+            self._lock.notify_all()
 
     def view(self) -> list[dict]:
         with self._lock:
@@ -335,7 +351,7 @@ class Orchestrator:
         if request["final"] and self.topology.judge.candidate_kv == "agent" and model == self.judge_model:
             request = {**request, "publish_agent_kv": True}  # the KV it computes while writing is the candidate's
         pool = self.pools[model]
-        i = pool.pick()
+        i = pool.pick(self._halt)
         result = None
         try:
             result = self._get(pool.actors[i].generate.remote(request))

@@ -184,3 +184,40 @@ def test_ctrl_c_keeps_finished_problems(tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted: finished problems are in")
     done = _records(results)
     assert 1 <= len(done) < 30 and all(r["status"] == "ok" for r in done)
+
+
+_LEAN = """
+import json, ray
+from ray._private import node, worker
+from kvjudge.runtime.cluster import connect
+before = {n: getattr(node.Node, n) for n in ("start_api_server", "start_monitor", "start_log_monitor")}
+connect(None, num_cpus=1, torch_tensors=False)
+
+@ray.remote(num_cpus=0)
+def one():
+    return 1
+
+print(json.dumps({"procs": sorted(worker._global_node.all_processes), "task": ray.get(one.remote()),
+                  "restored": all(getattr(node.Node, n) is f for n, f in before.items())}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("api_server", ["", "1"])
+def test_an_embedded_ray_starts_only_what_a_run_needs(api_server):
+    """Ray private API (runtime.cluster._lean_head): an embedded Ray starts its GCS and raylet but no API
+    server, autoscaler monitor or log monitor (each costs start-up or shutdown time; a run uses none), runs
+    work, and leaves Ray's Node class as it was; KVJUDGE_RAY_API_SERVER=1 starts them all as usual."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVJUDGE_RAY_API_SERVER": api_server}
+    out = subprocess.run([sys.executable, "-c", _LEAN], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["task"] == 1 and got["restored"]
+    if api_server:
+        assert {"dashboard", "monitor", "log_monitor", "gcs_server", "raylet"} <= set(got["procs"])
+    else:
+        assert got["procs"] == ["gcs_server", "raylet"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from kvjudge.cache.segments import KVSegment
 from kvjudge.cache.store_actor import SegmentRef, get_or_create_store, get_segment, kill_store, put_segment
 from kvjudge.experiments.bench.run import bench_run, synthetic_problems
 from kvjudge.judges.actor import JudgeActor
-from kvjudge.runtime.runner import Orchestrator, Replicas, run
+from kvjudge.runtime.runner import Halted, Orchestrator, Replicas, run
 from kvjudge.topologies import load_topology_text
 from kvjudge.topologies.bound import lower_bound
 
@@ -245,9 +246,16 @@ def test_replicas_take_work_as_soon_as_they_are_ready(sim_ray, tmp_path):
     assert [v["state"] for v in pool.view()] == ["starting"] * 3
     assert orch._await_ready() == {"node": "n", "node_id": "judge"}  # r1 is still held back by its gate
     assert pool.ready[0] and not pool.ready[1] and pool.view()[1]["state"] == "starting"
-    assert {pool.pick() for _ in range(3)} == {0}  # only the ready replica gets work
-    for _ in range(3):
-        pool.release(0)
+    assert pool.pick() == 0  # only the ready replica gets work
+    got: list[int] = []  # a second request waits for an idle replica while r1 is starting (no queue on r0)
+    waiter = threading.Thread(target=lambda: got.append(pool.pick()), daemon=True)
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and not got
+    pool.release(0)
+    waiter.join(10)
+    assert got == [0]
+    pool.release(0)
     gate.touch()
     deadline = time.monotonic() + 60
     while (not pool.ready[1] or pool.view()[2]["state"] != "failed") and time.monotonic() < deadline:
@@ -263,3 +271,26 @@ def test_a_first_replica_that_fails_is_one_run_error(sim_ray):
     orch.pools = {SIM: Replicas([_SlowStart.remote("r0", error="cannot load")], ready=[False])}
     with pytest.raises(ValueError, match="agent model .* replica 1 failed to load on node n: cannot load"):
         orch._await_ready()
+
+
+def test_a_request_waits_for_a_replica_coming_up_rather_than_queue_on_a_busy_one():
+    """Pure (no Ray): while a replica is starting, a second request goes to it once it is ready, not
+    behind the first request on the only ready replica; a stopped run ends the wait (Halted)."""
+    pool = Replicas(["r0", "r1"], ready=[True, False])
+    assert pool.pick() == 0
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.pick()), daemon=True)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()
+    pool.mark_ready(1, {"node": "n"})
+    waiter.join(5)
+    assert got == [1] and pool.load == [1, 1]
+    busy = Replicas(["r0", "r1"], ready=[True, False])
+    busy.pick()
+    halt = threading.Event()
+    halt.set()
+    with pytest.raises(Halted):
+        busy.pick(halt)
+    busy.mark_failed(1, "no weights")  # nothing starting any more: least-loaded, queueing allowed
+    assert busy.pick() == 0 and busy.load == [2, 0]
