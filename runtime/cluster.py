@@ -18,7 +18,7 @@ import ray
 NAMESPACE = "kvjudge"
 ZERO_COPY = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 PROBE_TIMEOUT_S = 5.0
-API_SERVER_ENV = "KVJUDGE_RAY_API_SERVER"  # "1": an embedded Ray starts its API server as usual
+API_SERVER_ENV = "KVJUDGE_RAY_API_SERVER"  # "1": an embedded Ray starts its API server and monitors as usual
 
 
 class ClusterError(ValueError):
@@ -87,17 +87,21 @@ def connect(address: str | None, num_cpus: int | None = None, torch_tensors: boo
 
 @contextlib.contextmanager
 def _lean_head() -> Iterator[None]:
-    """An embedded Ray started inside this block starts neither its API server nor its autoscaler monitor.
+    """An embedded Ray started inside this block starts no API server, autoscaler monitor or log monitor.
 
-    **Ray private API** (``ray._private.node.Node.start_api_server`` and ``Node.start_monitor``; tested
-    with Ray 2.60 and the newest release the range allows, ``tests/test_cluster.py``). ``ray.init``
-    starts both processes even with ``include_dashboard=False``: it waits until the API server (Ray's
-    ``dashboard.py``, which then serves Ray's state and job APIs and usage stats) has registered, about
-    0.9 s on a quiet 2-core machine, and at ``ray.shutdown`` the monitor ignores SIGTERM until Ray kills
-    it 1 s later. A one-node embedded Ray autoscales nothing, and kvjudge uses none of those APIs (its own
-    dashboard reads the run's metrics actor), so an embedded run skips both; a cluster started with
-    ``ray start`` keeps its own. ``KVJUDGE_RAY_API_SERVER=1`` (or a Ray without these methods) starts
-    them as usual, e.g. for ``ray list actors`` against an embedded run."""
+    **Ray private API** (``ray._private.node.Node``'s ``start_api_server``, ``start_monitor`` and
+    ``start_log_monitor``, replaced by no-ops for the ``ray.init`` call only; tested with Ray 2.60 and
+    the newest release the range allows: ``tests/test_runtime.py``, in ``.ci/internals-tests.txt``).
+    ``ray.init`` starts all three even with ``include_dashboard=False`` and ``log_to_driver=False``: it
+    waits until the API server (Ray's ``dashboard.py``, which then serves Ray's state and job APIs and
+    usage stats) has registered, the log monitor's Python start competes for the CPU with the agents
+    the raylet waits for, and at ``ray.shutdown`` the monitor ignores SIGTERM until Ray kills it a second
+    later: together ~2 s of every embedded run on a quiet 2-core machine. A one-node embedded Ray
+    autoscales nothing, its driver takes no worker logs (``log_to_driver=False``; they are still written
+    under the session's log folder), and kvjudge uses none of those APIs (its own dashboard reads the
+    run's metrics actor). A cluster started with ``ray start`` keeps its own. ``KVJUDGE_RAY_API_SERVER=1``
+    (or a Ray without these methods) starts them as usual, e.g. for ``ray list actors`` against an
+    embedded run."""
     try:
         from ray._private.node import Node
     except ImportError:
