@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -41,7 +42,7 @@ from kvjudge.experiments.datasets import describe_sample, grade_candidates, load
 from kvjudge.experiments.judging import judge_all, record_key, running_metrics, shown_candidates
 from kvjudge.experiments.plots import write_plots
 from kvjudge.experiments.report import write_report
-from kvjudge.experiments.rescore import check_source, rescore
+from kvjudge.experiments.rescore import check_source, recorded_priors, rescore
 from kvjudge.experiments.summary import summarize
 from kvjudge.judges.judge import Judge
 from kvjudge.judges.prompt import JudgeInputError
@@ -109,7 +110,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
     try:
         if cfg.rescore_from is not None:  # the same forward passes under another prior: no judging
             rescored = rescore(judge, check_source(cfg.rescore_from, eval_manifest(cfg)), log, task_ids, cfg.seeds,
-                               cfg.methods, passes, str(cfg.rescore_from))
+                               cfg.methods, passes, str(cfg.rescore_from), recorded_priors(Path(cfg.rescore_from)))
             if verbose:
                 print(f"re-scored {rescored} calls of {cfg.rescore_from}", file=sys.stderr)
         todo = sum(1 for s in cfg.seeds for t in task_ids for m in cfg.methods if (t, s, m) not in log)

@@ -21,6 +21,7 @@ from pathlib import Path
 from kvjudge.experiments.judging import judge_record, permutation
 from kvjudge.judges.base import Verdict
 from kvjudge.judges.debias import prior_path, read_table
+from kvjudge.runtime.manifest import file_digest
 from kvjudge.runtime.results import ResultsLog
 
 RESCORABLE = ("dense", "naive", "partial")  # the answer is the argmax of the recorded scores, always
@@ -34,6 +35,9 @@ def check_source(src: Path, manifest: dict) -> list[dict]:
         lines = (src / "results.jsonl").read_text(encoding="utf-8").splitlines()
     except (OSError, ValueError) as exc:
         raise ValueError(f"--rescore-from {src}: not an eval folder ({exc})") from None
+    if theirs.get("candidates") == "generated" and (src / "candidates.jsonl").is_file():
+        # a run that generated its sets judged what it wrote to candidates.jsonl: that file is its candidates
+        theirs = {**theirs, "candidates": file_digest(src / "candidates.jsonl")}
     for key in MATCHED:
         if theirs.get(key) != manifest.get(key):
             raise ValueError(f"--rescore-from {src}: its {key} is {theirs.get(key)!r}, this run's {manifest.get(key)!r}")
@@ -42,6 +46,19 @@ def check_source(src: Path, manifest: dict) -> list[dict]:
     if manifest.get("judge_output") != "label" or (manifest.get("judge_permutations") or 1) != 1:
         raise ValueError("--rescore-from needs label output and one rotation per call (--judge-permutations 1)")
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def recorded_priors(src: Path) -> dict[tuple[str, str, int], list[float]]:
+    """``{(debias, method, n): log prior}`` that the source run estimated itself (``--calibrate-on``: kept
+    in its ``summary.json`` under ``config.calibration``), so its calls can be re-scored without a
+    prior in ``$KVJUDGE_CACHE``; ``{}`` for a run that read its priors from the cache."""
+    try:
+        cal = json.loads((src / "summary.json").read_text(encoding="utf-8"))["config"].get("calibration") or {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+    kind = cal.get("kind")
+    return {(kind, m, int(n)): list(p) for n, by_method in (cal.get("priors") or {}).items()
+            for m, p in by_method.items()} if kind else {}
 
 
 def log_prior(judge, debias: str, method: str, n: int) -> list[float]:
@@ -57,10 +74,14 @@ def log_prior(judge, debias: str, method: str, n: int) -> list[float]:
 
 
 def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[str], seeds: Sequence[int],
-            methods: Sequence[str], passes: dict[str, list[bool]], source: str) -> int:
+            methods: Sequence[str], passes: dict[str, list[bool]], source: str,
+            source_priors: dict[tuple[str, str, int], list[float]] | None = None) -> int:
     """Append to ``log`` the re-scored record of every (problem, seed, re-scorable method) it lacks and
-    ``records`` hold (dense first: the others' consistency is against it); returns how many."""
+    ``records`` hold (dense first: the others' consistency is against it); returns how many.
+    ``source_priors``: the priors the source run estimated itself (:func:`recorded_priors`), used to
+    undo its prior instead of the cache's."""
     by_key = {(str(r["task_id"]), int(r["seed"]), r["method"]): r for r in records}
+    recorded = dict(source_priors or {})
     priors: dict[tuple[str, str, int], list[float]] = {}  # (debias, method, n) -> prior, read once
 
     def prior(debias: str, method: str, n: int) -> list[float]:
@@ -79,7 +100,9 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
                 n = len(src["scores"])
                 if list(src["permutation"]) != permutation(seed, tid, n):
                     raise ValueError(f"--rescore-from: {tid} seed {seed} was judged under another permutation")
-                old, new = prior(src.get("debias", "none"), m, n), prior(judge.debias, m, n)
+                was = src.get("debias", "none")
+                old = recorded.get((was, m, n)) or prior(was, m, n)
+                new = prior(judge.debias, m, n)
                 scores = [s + a - b for s, a, b in zip(src["scores"], old, new)]
                 winner = max(range(n), key=lambda i: (scores[i], -i)) + 1
                 verdict = Verdict(

@@ -168,7 +168,10 @@ def test_replicas_spread_over_nodes_and_the_judge_reads_kv_where_it_was_made(tmp
                     return lambda *a, **k: None
 
             problems = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?"} for i in range(8)]
-            counts = run(load_topology_text(SPREAD), problems, tmp_path, reporter=Start(), concurrency=8)
+            # every replica up before the first problem (as bench run does): on a loaded machine the second
+            # worker's replicas can still be starting when the first two have finished all 8 problems
+            counts = run(load_topology_text(SPREAD), problems, tmp_path, reporter=Start(), concurrency=8,
+                         wait_all_replicas=True)
         finally:
             ray.shutdown()
         assert counts["done"] == 8 and counts["failed"] == 0

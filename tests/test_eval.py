@@ -353,3 +353,24 @@ def test_rescore_from_equals_judging_under_the_other_prior(synthetic, tmp_path, 
         evaluate(EvalConfig(dataset="gsm8k", out=tmp_path / "bad", model="tiny-llama", methods="dense", seeds="42",
                             candidates=cands, data=str(data), candidate_kv="isolated", judge_debias="pride",
                             rescore_from=tmp_path / "raw"), progress=False)
+
+
+def test_rescore_from_a_run_that_generated_its_candidates(tmp_path):
+    """A source run that generated its sets is matched through the candidates.jsonl it wrote: passing
+    that file as --candidates is accepted, any other file is refused naming the field."""
+    from kvjudge.experiments.rescore import check_source
+    from kvjudge.runtime.manifest import file_digest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "candidates.jsonl").write_text('{"task_id": "t1", "candidates": ["a", "b"]}\n')
+    (src / "results.jsonl").write_text('{"task_id": "t1", "seed": 42, "method": "dense"}\n')
+    base = {"model": "m", "dataset": "gsm8k", "candidate_kv": "agent", "judge_output": "label",
+            "judge_permutations": 1, "compress": None}
+    (src / "manifest.json").write_text(json.dumps({**base, "candidates": "generated"}))
+    ours = {**base, "candidates": file_digest(src / "candidates.jsonl")}
+    assert check_source(src, ours) == [{"task_id": "t1", "seed": 42, "method": "dense"}]
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"task_id": "t1", "candidates": ["a", "c"]}\n')
+    with pytest.raises(ValueError, match="its candidates is 'sha256:"):
+        check_source(src, {**base, "candidates": file_digest(other)})
