@@ -168,10 +168,14 @@ def test_ctrl_c_keeps_finished_problems(tmp_path):
     probs = tmp_path / "p.jsonl"
     probs.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Name {i} colours."}) + "\n" for i in range(30)))
     out = tmp_path / "out"
+    # a terminal's Ctrl-C: SIGINT at its default in the child even when this test runs as a background
+    # job of a non-interactive shell (which starts it, and so pytest, with SIGINT ignored; Python then
+    # installs no KeyboardInterrupt handler and the run would finish as if never interrupted)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvjudge.app.cli", "run", "progressive_refinement", "--model", "tiny-llama",
          "--problems", str(probs), "--out", str(out), "--no-dashboard", "--concurrency", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     results = out / "results.jsonl"
     deadline = time.time() + 300
