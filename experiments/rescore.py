@@ -81,7 +81,7 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
     ``source_priors``: the priors the source run estimated itself (:func:`recorded_priors`), used to
     undo its prior instead of the cache's."""
     by_key = {(str(r["task_id"]), int(r["seed"]), r["method"]): r for r in records}
-    recorded = dict(source_priors or {})
+    recorded = source_priors or {}
     priors: dict[tuple[str, str, int], list[float]] = {}  # (debias, method, n) -> prior, read once
 
     def prior(debias: str, method: str, n: int) -> list[float]:

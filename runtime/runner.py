@@ -366,7 +366,7 @@ class Orchestrator:
             req = self._get(self.judge.candidate_kv_request.remote(problem, answer, self.topology.judge.candidate_kv))
             meta = {"agent": agent, "kind": "judge-candidate"}
             pool = self.pools[self.specs[agent].model]
-            i = pool.pick()
+            i = pool.pick(self._halt)
             try:
                 ok = self._get(pool.actors[i].encode.remote(req["context_ids"], req["ids"], req["key"], meta))
             finally:
