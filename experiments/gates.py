@@ -130,6 +130,16 @@ def kappa(a: Sequence[int | None], b: Sequence[int | None]) -> float | None:
     return cohen_kappa(a, b)
 
 
+def chance(a: Sequence[int | None], b: Sequence[int | None]) -> float | None:
+    """The chance agreement ``p_e`` beside :func:`kappa` on the same calls
+    (:func:`kvjudge.experiments.metrics.chance_agreement`; ``None`` when no call has both)."""
+    from kvjudge.experiments.metrics import chance_agreement
+
+    if not any(x is not None and y is not None for x, y in zip(a, b)):
+        return None
+    return chance_agreement(a, b)
+
+
 def binomial_margin(alpha: float, n: int, z: float = 1.959963984540054) -> float:
     """The one-sided 95% sampling margin of a rate ``alpha`` measured on ``n`` calls: ``z sqrt(a(1-a)/n)``."""
     return math.inf if n <= 0 else z * math.sqrt(alpha * (1 - alpha) / n)

@@ -264,6 +264,11 @@ def test_bench_gates_frontier_on_held_out_problems(tmp_path):
         rnd = pts[f"random gate cov={k / 15:.2f} (naive)"]
         assert rnd["coverage"] == pytest.approx(round(k / 15 * 15) / 15)
     assert "dg_jkr" in pts
+    for p in res["points"]:  # p_e on the same calls as kappa: kappa = (JCR - p_e) / (1 - p_e)
+        assert 0 < p["p_e"] <= 1
+        if p["kappa"] is not None and p["p_e"] < 1:
+            assert p["kappa"] == pytest.approx((p["jcr"] - p["p_e"]) / (1 - p["p_e"]))
+    assert "| p_e |" in (tmp_path / "out" / "frontier.md").read_text()
     for f in ("bench_gates.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "out" / f).is_file()
 

@@ -48,8 +48,10 @@ def point(name: str, calls: Sequence[dict], accepted: Sequence[bool], side: str,
     d_lat = sum(c["dense"]["latency_ms"] for c in calls) / len(calls)
     d_pre = sum(c["dense"]["prefilled"] for c in calls) / len(calls)
     lo, hi = G.wilson(sum(cons), len(cons))
+    dense_slots = [c["dense"]["slot"] for c in calls]
     return {"name": name, "n": len(calls), "jcr": sum(cons) / len(cons), "jcr_ci": [lo, hi],
-            "kappa": G.kappa(slots, [c["dense"]["slot"] for c in calls]), "coverage": sum(accepted) / len(calls),
+            "kappa": G.kappa(slots, dense_slots), "p_e": G.chance(slots, dense_slots),
+            "coverage": sum(accepted) / len(calls),
             "latency_ms": sum(lat) / len(lat), "latency_x_dense": (sum(lat) / len(lat)) / d_lat if d_lat else None,
             "prefilled_x_dense": (sum(pre) / len(pre)) / d_pre if d_pre else None, "consistent": cons}
 
@@ -161,16 +163,16 @@ def _pct(x: float | None) -> str:
 
 def markdown(result: dict) -> str:
     """The frontier as a markdown table (one row per point)."""
-    rows = ["| point | JCR [95% CI] | kappa | coverage | latency x dense | prefilled x dense | "
+    rows = ["| point | JCR [95% CI] | p_e | kappa | coverage | latency x dense | prefilled x dense | "
             "disagree among accepted (alpha) | vs random gate (McNemar p) |",
-            "|---|---|---|---:|---:|---:|---|---|"]
+            "|---|---|---:|---|---:|---:|---:|---|---|"]
     for p in result["points"]:
         kap = "-" if p["kappa"] is None else f"{p['kappa']:.2f}"
         sel = p.get("kind") == "selective"
         dis = (f"{_pct(p['disagreement_accepted'])} ({p['alpha']:g}{'' if p['guarantee_holds'] else ', MISSED'})"
                if sel else "")
         vs = f"{_pct(p['vs_random']['jcr'])} (p={p['vs_random']['p_value']:.3g})" if sel else ""
-        rows.append(f"| {p['name']} | {_pct(p['jcr'])} [{_pct(p['jcr_ci'][0])}, {_pct(p['jcr_ci'][1])}] | {kap} | "
+        rows.append(f"| {p['name']} | {_pct(p['jcr'])} [{_pct(p['jcr_ci'][0])}, {_pct(p['jcr_ci'][1])}] | {_pct(p.get('p_e'))} | {kap} | "
                     f"{_pct(p['coverage'])} | {p['latency_x_dense']:.2f} | {p['prefilled_x_dense']:.2f} | {dis} | {vs} |")
     return "\n".join(rows) + "\n"
 
