@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvjudge.judges.debias import (CONTENT_FREE_TEXTS, PRIOR_KINDS, PriorError, PriorTable, estimate_content_free,
-                                   estimate_rotations, needed_methods, rotation)
+                                   estimate_rotations, method_instances, rotation)
 from kvjudge.judges.judge import Judge
 
 
@@ -35,10 +35,16 @@ class Item:
 
 
 def expand_methods(judge: Judge, methods: Sequence[str]) -> list[str]:
-    """The methods whose priors ``methods`` need (a gate: its arms and dense), each once, in order."""
+    """The prior names (:func:`~kvjudge.judges.debias.prior_name`) whose priors ``methods`` need (a gate:
+    its arms and dense), each once, in order. Each is judgeable by that name afterwards: an instance
+    configured otherwise than the judge's own (e.g. ``partial[recompute_first=32]``, a gate's cheap
+    path) is adopted by the judge under its prior name."""
     out: list[str] = []
     for m in methods:
-        out += [x for x in needed_methods(m, judge.method(m)) if x not in out]
+        for name, impl in method_instances(m, judge.method(m)).items():
+            if impl is not None:
+                judge.adopt(name, impl)
+            out += [] if name in out else [name]
     return out
 
 

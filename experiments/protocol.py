@@ -172,6 +172,7 @@ def eval_manifest(cfg: EvalConfig) -> dict:
             "candidates": "generated" if generated else file_digest(cfg.candidates),
             "temperature": getattr(cfg, "temperature", None) if generated else None,
             "generation_seed": getattr(cfg, "generation_seed", None) if generated else None,
+            "method_options": cfg.method_options or None,  # e.g. partial's K: its records and prior
             "topology_hash": topo_hash}  # last: a difference is named by the most specific field
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from kvjudge.experiments.judging import judge_record, permutation
 from kvjudge.judges.base import Verdict
-from kvjudge.judges.debias import prior_path, read_table
+from kvjudge.judges.debias import prior_name, prior_path, read_table
 from kvjudge.runtime.manifest import file_digest
 from kvjudge.runtime.results import ResultsLog
 
 RESCORABLE = ("dense", "naive", "partial")  # the answer is the argmax of the recorded scores, always
-MATCHED = ("model", "dataset", "candidates", "candidate_kv", "judge_output", "judge_permutations", "compress")
+MATCHED = ("model", "dataset", "candidates", "candidate_kv", "judge_output", "judge_permutations", "compress",
+           "method_options")
 
 
 def check_source(src: Path, manifest: dict) -> list[dict]:
@@ -100,9 +101,9 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
                 n = len(src["scores"])
                 if list(src["permutation"]) != permutation(seed, tid, n):
                     raise ValueError(f"--rescore-from: {tid} seed {seed} was judged under another permutation")
-                was = src.get("debias", "none")
-                old = recorded.get((was, m, n)) or prior(was, m, n)
-                new = prior(judge.debias, m, n)
+                was, pm = src.get("debias", "none"), prior_name(judge.method(m))  # this run's setting of m
+                old = recorded.get((was, pm, n)) or prior(was, pm, n)
+                new = prior(judge.debias, pm, n)
                 scores = [s + a - b for s, a, b in zip(src["scores"], old, new)]
                 winner = max(range(n), key=lambda i: (scores[i], -i)) + 1
                 verdict = Verdict(

@@ -16,7 +16,8 @@ Two ways to get the prior, both per judge method (reuse has its own slot prefere
   way (:func:`estimate_content_free`).
 
 A prior is keyed by (model id, kind, candidate-KV mode, output mode, N, prompt-template hash) and
-holds one entry per method; it is a versioned JSON file under ``$KVJUDGE_CACHE/priors`` (the cache
+holds one entry per method setting (:func:`prior_name`: ``partial`` at its defaults, ``partial[recompute_first=32]``
+with another K); it is a versioned JSON file under ``$KVJUDGE_CACHE/priors`` (the cache
 root :func:`kvjudge.models.smollm2.cache_root` resolves; repeated here so this module needs no torch).
 Using a prior of another key, or judging without one, is a one-line :class:`PriorError` that names the
 ``kvjudge calibrate`` command to run. ``N = 1`` needs no file: its prior is ``(0.0,)``.
@@ -24,6 +25,7 @@ Using a prior of another key, or judging without one, is a one-line :class:`Prio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -89,10 +91,16 @@ class PriorKey:
                 f"N={self.n}, template {self.template}")
 
     def command(self, methods: Iterable[str]) -> str:
-        """The ``kvjudge calibrate`` command that estimates this key's prior for ``methods``."""
-        return (f"kvjudge calibrate --model {self.model_id} --candidates FILE --methods {','.join(methods)} "
-                f"--judge-debias {self.kind} --candidate-kv {self.candidate_kv} --judge-output {self.output} "
-                f"(on sets of {self.n} candidates)")
+        """The ``kvjudge calibrate`` command that estimates this key's prior for ``methods`` (prior names:
+        a setting's options become ``--method-option`` flags)."""
+        names, options = [], []
+        for m in methods:
+            base, opts = split_prior_name(m)
+            names += [] if base in names else [base]
+            options += [f" --method-option {base}.{k}={v}" for k, v in opts.items()]
+        return (f"kvjudge calibrate --model {self.model_id} --candidates FILE --methods {','.join(names)}"
+                f"{''.join(options)} --judge-debias {self.kind} --candidate-kv {self.candidate_kv} "
+                f"--judge-output {self.output} (on sets of {self.n} candidates)")
 
 
 def prior_path(key: PriorKey, root: Path | None = None) -> Path:
@@ -174,15 +182,50 @@ def priors_for(key: PriorKey, methods: Sequence[str], table: PriorTable | None) 
     return {m: tuple(float(x) for x in e["log_prior"]) for m, e in have.items()}
 
 
-def needed_methods(name: str, impl: object) -> list[str]:
-    """The methods whose label scores ``impl`` (method ``name``) may answer with: itself (a gate, i.e. an
-    instance holding other method instances: those methods instead), and always ``dense``, since gates
-    fall back to it and KVCOMM answers from a dense prefill when it measures an anchor."""
+def prior_name(impl: object, name: str | None = None) -> str:
+    """The name the slot prior of method instance ``impl`` is saved under: its registry name (else
+    ``name``), plus in brackets every plain option (number, text, flag) that differs from its default,
+    e.g. ``partial[recompute_first=32]``. A method's options change its slot preference, so each setting
+    has its own prior; at its defaults a method keeps its plain name."""
+    base = getattr(type(impl), "name", None) or name or type(impl).__name__
+    changed = []
+    if dataclasses.is_dataclass(impl):
+        for f in dataclasses.fields(impl):
+            value = getattr(impl, f.name, f.default)
+            if f.init and f.default is not dataclasses.MISSING and isinstance(value, (bool, int, float, str)) \
+                    and value != f.default:
+                changed.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value}")
+    return f"{base}[{','.join(changed)}]" if changed else base
+
+
+def split_prior_name(name: str) -> tuple[str, dict[str, str]]:
+    """``"partial[recompute_first=32,blend=0.15]"`` -> ``("partial", {"recompute_first": "32", "blend": "0.15"})``."""
+    base, bracket, rest = name.partition("[")
+    if not bracket:
+        return name, {}
+    pairs = [p.partition("=") for p in rest.rstrip("]").split(",") if p]
+    return base, {k: v for k, _, v in pairs}
+
+
+def method_instances(name: str, impl: object) -> dict[str, object | None]:
+    """``{prior name: instance}`` of the methods whose label scores ``impl`` (method ``name``) may answer
+    with: itself (a gate, i.e. an instance holding other method instances: those instead), and always
+    ``dense`` (instance ``None`` unless met), since gates fall back to it and KVCOMM answers from a
+    dense prefill when it measures an anchor."""
     subs = [v for v in vars(impl).values() if callable(v) and isinstance(getattr(type(v), "name", None), str)]
-    out: list[str] = [] if subs else [name]
+    out: dict[str, object | None] = {} if subs else {prior_name(impl, name): impl}
     for sub in subs:
-        out += [m for m in needed_methods(type(sub).name, sub) if m not in out]
-    return out + ([] if "dense" in out else ["dense"])
+        for m, inst in method_instances(type(sub).name, sub).items():
+            if out.get(m) is None:
+                out[m] = inst
+    out.setdefault("dense", None)
+    return out
+
+
+def needed_methods(name: str, impl: object) -> list[str]:
+    """The prior names (:func:`prior_name`) of the methods whose label scores ``impl`` may answer with
+    (:func:`method_instances`)."""
+    return list(method_instances(name, impl))
 
 
 def case_prior(case, method: str | None) -> tuple[float, ...] | None:

@@ -90,6 +90,11 @@ class Judge:
             self._methods[name] = make_method(name, **options)
         return self._methods[name]
 
+    def adopt(self, name: str, impl: JudgeMethod) -> None:
+        """Judge with ``impl`` when asked for method ``name`` (kept if ``name`` is taken: e.g. a gate's cheap
+        path under its prior name, so ``kvjudge calibrate`` can judge it alone)."""
+        self._methods.setdefault(name, impl)
+
     def case(
         self,
         problem: str,

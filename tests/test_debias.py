@@ -251,3 +251,64 @@ def test_calibrate_reports_progress_and_hands_over_each_method_as_it_completes(l
                on_method=lambda t: seen.append(sorted(t.methods)))
     assert seen == [["dense"], ["dense", "naive"]]
     assert any(line.endswith(f"{len(_items())}/{len(_items())} items") for line in lines)
+
+
+# ---------------------------------------------------------------------------- one prior per method setting
+def test_prior_names_carry_every_option_off_its_default():
+    from kvjudge.judges.debias import needed_methods, prior_name, split_prior_name
+    from kvjudge.judges.methods import make_method
+
+    assert prior_name(make_method("partial")) == prior_name(make_method("partial", recompute_first=16)) == "partial"
+    assert prior_name(make_method("partial", recompute_first=32)) == "partial[recompute_first=32]"
+    assert prior_name(make_method("partial", blend=0.15)) == "partial[blend=0.15]"
+    assert prior_name(make_method("kvcomm", pool_by="all")) == "kvcomm[pool_by=all]"
+    assert prior_name(make_method("pal_kv")) == "pal_kv"  # its own default (pool by all)
+    gate = make_method("selective", cheap="partial:recompute_first=4", score="margin", gate=0.0)
+    assert needed_methods("selective", gate) == ["partial[recompute_first=4]", "dense"]
+    assert split_prior_name("partial[recompute_first=32,blend=0.15]") == ("partial", {"recompute_first": "32",
+                                                                                       "blend": "0.15"})
+
+
+def test_a_method_setting_never_uses_the_prior_of_another(llama, synthetic):
+    """A prior estimated for partial at its defaults (K=16) is not used for partial K=4 (one line naming the
+    calibrate command with its --method-option); calibrating K=4 gives it its own entry, which debiases it."""
+    judge = Judge(llama)
+    C.save(C.estimate(judge, _items(), ["partial"], "pride"))
+    other = Judge(llama, method="partial", method_options={"recompute_first": 4}, debias="pride")
+    with pytest.raises(PriorError, match=r"partial\[recompute_first=4\].*--methods partial "
+                                         r"--method-option partial.recompute_first=4"):
+        other.judge(PROBLEM, TEXTS, method="partial")
+    judge.method("partial", recompute_first=4)
+    tables = C.estimate(judge, _items(), ["partial"], "pride")
+    assert sorted(tables[0].methods) == ["dense", "partial[recompute_first=4]"]
+    C.save(tables)
+    other.reload_priors()
+    table = other.prior_table(other.prior_key("pride", "judge_prefix", "label", len(TEXTS)))
+    assert sorted(table.methods) == ["dense", "partial", "partial[recompute_first=4]"]  # merged, both kept
+    raw = judge.judge(PROBLEM, TEXTS, method="partial", debias="none")
+    v = other.judge(PROBLEM, TEXTS, method="partial")
+    prior = table.log_prior("partial[recompute_first=4]")
+    assert v.debias == "pride" and v.scores == pytest.approx([s - p for s, p in zip(raw.scores, prior)], abs=1e-5)
+
+
+def test_calibrate_estimates_a_gates_configured_cheap_path(llama, synthetic):
+    """A gate stands for the methods it runs, as configured: selective on partial K=4 needs that setting's prior."""
+    judge = Judge(llama)
+    judge.method("selective", cheap="partial:recompute_first=4", score="margin", gate=0.0)
+    tables = C.estimate(judge, _items(), ["selective"], "pride")
+    assert sorted(tables[0].methods) == ["dense", "partial[recompute_first=4]"]
+    assert "partial" not in judge._methods  # judged through the gate's own instance, adopted under its prior name
+
+
+def test_cli_calibrate_takes_method_options(llama, tmp_path, capsys):
+    from kvjudge.app.cli import main
+
+    cands = tmp_path / "candidates.jsonl"
+    cands.write_text("".join(json.dumps({"task_id": f"x/{i}", "problem": PROBLEM, "candidates": TEXTS[:2],
+                                         "sources": ["a", "b"]}) + "\n" for i in range(2)))
+    args = ["--model", "tiny-llama", "--device", "cpu", "--candidates", str(cands), "--candidate-kv", "judge_prefix"]
+    assert main(["calibrate", *args, "--methods", "naive", "--method-option", "partial.recompute_first=2"]) == 2
+    assert "partial is not among --methods" in capsys.readouterr().err
+    assert main(["calibrate", *args, "--methods", "partial", "--method-option", "partial.recompute_first=2"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows == ["partial[recompute_first=2]", "dense"]

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from kvjudge.app.commands.common import (
     UserError,
+    add_method_options,
     add_model,
     add_sampling,
     checked_device,
     default_out,
+    method_options_of,
     name_list,
     nonnegative,
     positive,
@@ -36,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_sampling(c, "candidate sets")
     c.add_argument("--methods", default="dense",
                    help="comma-separated judge methods; a gate stands for the methods it runs (default dense)")
+    add_method_options(c)  # a method's prior is per setting: partial.recompute_first=32 gets its own
     c.add_argument("--candidate-kv", choices=CANDIDATE_KV_MODES, default="agent",
                    help="where candidate KV comes from (default agent)")
     c.add_argument("--judge-output", choices=OUTPUT_MODES, default="label", help="label (priors are for label output)")
@@ -56,6 +59,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     positive("limit", args.limit)
     nonnegative("offset", args.offset)
     methods = name_list("methods", args.methods, METHOD_ORDER, "judge method")
+    options = method_options_of(args)
+    for name in options:
+        if name not in methods:
+            raise UserError(f"--method-option {name}.*: {name} is not among --methods ({','.join(methods)})")
     if args.candidates is None and args.dataset is None:
         raise UserError(f"give --candidates FILE, or a data set ({', '.join(DATASET_NAMES)}) to generate candidates for")
     if args.judge_output != "label":
@@ -70,6 +77,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     elif not Path(path).expanduser().is_file():
         raise UserError(f"--candidates: file not found: {path}")
     judge = Judge(load_model(args.model, device=checked_device(args.device)), candidate_kv=args.candidate_kv)
+    for name, opts in options.items():
+        judge.method(name, **opts)
     items = items_from_file(Path(path).expanduser(), judge, limit, offset, args.dataset, args.topology,
                             args.sample_seed)
     tables = estimate(judge, items, methods, args.judge_debias,

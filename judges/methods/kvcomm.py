@@ -43,6 +43,7 @@ from kvjudge.cache.anchors import Anchor, AnchorConfig, AnchorPool, apply, corre
 from kvjudge.cache.encoder import segment_key
 from kvjudge.cache.segments import AnySegment, KVSegment
 from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.debias import prior_name
 from kvjudge.judges.engine import JudgeEngine
 
 POOL_BY = ("source", "all", "slot")
@@ -140,7 +141,7 @@ class KVCOMM(AnchorConfig):
                 segs[it.index] = apply(segs[it.index], corr.dk, corr.dv, inv)
             if corr.glue_dk is not None:
                 segs[it.index + 1] = apply(segs[it.index + 1], corr.glue_dk, corr.glue_dv, inv)
-        outcome = engine.score_pieces(case, segs, self.name)  # self.name: its slot prior (pal_kv too)
+        outcome = engine.score_pieces(case, segs, prior_name(self))  # its slot prior (pal_kv too)
         return replace(outcome, decision={"measured": False, "new_anchors": 0, "updated_anchors": 0})
 
     @staticmethod

@@ -27,6 +27,7 @@ import torch
 from kvjudge.cache.probe import fresh_keys
 from kvjudge.cache.segments import KVSegment
 from kvjudge.judges.base import JudgeCase, Outcome
+from kvjudge.judges.debias import prior_name
 from kvjudge.judges.engine import JudgeEngine
 from kvjudge.judges.prompt import JudgeInputError
 
@@ -79,7 +80,7 @@ class Partial:
 
     def __call__(self, engine: JudgeEngine, case: JudgeCase) -> Outcome:
         masks, probe = self.redo(engine, case)
-        out = engine.score_partial(case, masks, self.name)
+        out = engine.score_partial(case, masks, prior_name(self))
         recomputed = int(sum(int(m.sum()) for m in masks))
         reusable = int(sum(m.numel() for m in masks[1:]))
         out.decision = {"recomputed_tokens": recomputed, "reusable_tokens": reusable, "probe_tokens": probe}
