@@ -99,8 +99,9 @@ def running_metrics(log: ResultsLog) -> str:
     if by_method.get("dense"):
         parts.append(f"pass@1 {M.pass_at_1([r['passed'] for r in by_method['dense']]):.2f}")
     for name, recs in sorted(by_method.items()):
-        if name != "dense":
-            parts.append(f"JCR {name} {M.rate([r['consistent'] for r in recs]):.2f}")
+        if name != "dense":  # consistency is undefined (None) where dense's generated answer did not parse
+            flags = [r["consistent"] for r in recs if r.get("consistent") is not None]
+            parts.append(f"JCR {name} {M.rate(flags):.2f}" if flags else f"JCR {name} n/a")
     return "  ".join(parts)
 
 

@@ -19,6 +19,9 @@ from kvjudge.judges.methods import JudgeMethod, make_method
 from kvjudge.judges.prompt import JudgeInputError, build_prompt
 
 
+ID_PADDING = 16  # whitespace characters a candidate's token_ids may add around its text (agents add 0-2)
+
+
 class Judge:
     """Picks the best of N candidates with any registered method, reusing cached KV across calls.
 
@@ -189,13 +192,33 @@ class Judge:
                 if bad:
                     raise JudgeInputError(f"candidate {i}: {name} holds id {bad[0]}, outside the model's vocabulary "
                                           f"0..{(vocab or 0) - 1}")
-            if c.token_ids and self.lm.tokenizer.decode(list(c.token_ids), skip_special_tokens=True).strip() \
-                    != c.text.strip():  # the agents' own rule: text = decode(ids, skip special).strip()
-                raise JudgeInputError(f"candidate {i}: token_ids do not decode to its text (ids from another "
-                                      "model or tokenizer, or an edited text)")
+            if c.token_ids:
+                why = self._ids_mismatch(list(c.token_ids), c.text)
+                if why:
+                    raise JudgeInputError(f"candidate {i}: token_ids {why}")
             if limit and len(ctx) + len(seq) > limit:
                 raise JudgeInputError(f"candidate {i}: its agent prompt ({len(ctx)} tokens) and answer ({len(seq)} "
                                       f"tokens) take {len(ctx) + len(seq)} positions, more than the model's {limit}")
+
+    def _ids_mismatch(self, ids: list[int], text: str) -> str | None:
+        """Why ``ids`` are not the tokens of ``text`` (``None``: they are). The agents' own rule is
+        ``text = decode(ids, skip special).strip()``; on top of it special tokens may only end the ids
+        (an end-of-text mark) and the ends may add at most :data:`ID_PADDING` characters of whitespace,
+        so padding or tokens slipped in change nothing the judge reads that the grader did not grade."""
+        tok = self.lm.tokenizer
+        special = set(getattr(tok, "all_special_ids", ()) or ())
+        body = list(ids)
+        while body and body[-1] in special:
+            body.pop()
+        if any(t in special for t in body):
+            return "hold a special token inside the answer (only a trailing end-of-text mark is allowed)"
+        decoded = tok.decode(body)
+        if decoded.strip() != text.strip():
+            return "do not decode to its text (ids from another model or tokenizer, or an edited text)"
+        if len(decoded) - len(decoded.strip()) > ID_PADDING:
+            return (f"pad its text with {len(decoded) - len(decoded.strip())} characters of whitespace "
+                    f"(at most {ID_PADDING})")
+        return None
 
     def candidate_kv_request(self, problem: str, answer: CandidateLike, mode: str | None = None) -> dict:
         """``{"context_ids", "ids", "key", "mode"}``: the KV of ``answer`` this judge looks up for

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ray
 
@@ -118,6 +120,45 @@ def _lean_head() -> Iterator[None]:
     finally:
         for n, fn in originals.items():
             setattr(Node, n, fn)
+
+
+@contextlib.contextmanager
+def held_sigterm(handler: Callable | None) -> Iterator[None]:
+    """Ray's start-up inside this block cannot be killed half-way by SIGTERM: a SIGTERM that arrives is
+    held, and ``handler`` (the CLI's: SIGTERM taken like Ctrl-C, exit 143) takes it once the block has
+    ended, with every Ray process known to whoever shuts Ray down; ``handler`` is the SIGTERM handler
+    again afterwards. Without it a SIGTERM in the first seconds of a run ended it with exit 15 and no
+    message, or with a native stack dump and exit 134.
+
+    **Ray private API** (tested as :func:`_lean_head`): ``ray.init`` installs Python SIGTERM handlers
+    of its own through ``ray._private.utils.set_sigterm_handler`` (the driver's: ``sys.exit(15)``; the
+    embedded head node's: kill its processes, ``sys.exit(1)``), replaced by a no-op inside the block;
+    and the driver's C++ core worker installs a failure-signal handler that takes SIGTERM too (stack
+    dump, abort), which ``ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` turns off for this driver
+    only (workers keep theirs: they inherit the environment, not this attribute). Outside the main
+    thread, or when ``handler`` is not a Python callable, nothing changes."""
+    if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import ray._private.utils as ray_utils
+    from ray._private import ray_constants
+
+    pending: list[int] = []
+    saved = (ray_utils.set_sigterm_handler, getattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None))
+    signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+    ray_utils.set_sigterm_handler = lambda _handler: None
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = saved[0]
+        if saved[1] is None:
+            del ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        else:
+            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved[1]
+        signal.signal(signal.SIGTERM, handler)
+    if pending:
+        handler(signal.SIGTERM, None)
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -31,7 +31,7 @@ from kvjudge.agents.actor import AgentActor
 from kvjudge.cache.store_actor import DEFAULT_STORE_NAME, get_or_create_store
 from kvjudge.judges.actor import JudgeActor, judge_options
 from kvjudge.models.sim import is_sim_spec
-from kvjudge.runtime.cluster import NAMESPACE, ClusterError, check_feasible, connect
+from kvjudge.runtime.cluster import NAMESPACE, ClusterError, check_feasible, connect, held_sigterm
 from kvjudge.runtime.manifest import check_manifest, run_manifest
 from kvjudge.runtime.results import ResultsLog
 from kvjudge.runtime.telemetry import MetricsPublisher, Reporter
@@ -183,9 +183,9 @@ class Orchestrator:
         want = math.ceil(asked * len(self.models) * res.agent_num_cpus) + 1
         on_term = signal.getsignal(signal.SIGTERM)
         sim_only = all(is_sim_spec(m) for m in [*self.models, self.judge_model])  # no torch tensor in the run
-        self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want),
-                                    torch_tensors=not sim_only)
-        keep_sigterm(on_term)
+        with held_sigterm(on_term):  # a SIGTERM while Ray starts is taken by on_term once it is up
+            self._started_ray = connect(self.address, num_cpus=max(os.cpu_count() or 1, len(self.models) + 1, want),
+                                        torch_tensors=not sim_only)
         try:
             agent_req = {"CPU": res.agent_num_cpus}
             for m in self.models:
@@ -454,14 +454,6 @@ def check_machine(replicas: int, models: list[str], agent_num_cpus: float) -> No
         raise RunError(f"{replicas} agent replica(s) x {len(models)} model(s) do not fit this machine's {cores} "
                        f"CPU(s): the embedded Ray runs at most {most} per model here; ask for fewer --replicas, "
                        "or run on a cluster (--address)")
-
-
-def keep_sigterm(handler: Any) -> None:
-    """Put ``handler`` back as the SIGTERM handler when it is a Python one (the CLI's: SIGTERM taken like
-    Ctrl-C). Ray internals: ``ray.init`` installs Python SIGTERM handlers of its own, and its C++ core
-    worker a failure-signal handler that dumps a native stack and aborts (exit 134)."""
-    if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 def default_concurrency(topology: Topology, replicas: int) -> int:

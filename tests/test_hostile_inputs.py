@@ -189,6 +189,29 @@ def test_token_ids_must_decode_to_the_candidates_text(judge):
         judge.case("p", [{"text": "abc", "token_ids": other, "agent_prompt": "q"}])
 
 
+def test_token_ids_may_not_pad_or_slip_tokens_into_the_text(judge):
+    """ids that decode (special tokens skipped, ends stripped) to the text but make the judge read more:
+    whitespace padding past ID_PADDING, a special token inside the answer; a trailing end-of-text mark
+    and the agents' own 0-2 trailing newlines pass."""
+    from kvjudge.judges.judge import ID_PADDING
+
+    tok = judge.lm.tokenizer
+    ids = list(tok("abc def", add_special_tokens=False)["input_ids"])
+    nl = list(tok("\n", add_special_tokens=False)["input_ids"])
+    special = sorted(set(tok.all_special_ids))[0]
+    cand = lambda token_ids: {"text": "abc def", "token_ids": token_ids, "agent_prompt": "q"}  # noqa: E731
+    judge.case("p", [cand(ids + nl * 2), cand(ids + [special])])
+    padded = ids + nl * (ID_PADDING + 1)
+    assert tok.decode(padded, skip_special_tokens=True).strip() == "abc def"  # the old rule let it pass
+    with pytest.raises(JudgeInputError, match=rf"candidate 1: token_ids pad its text with {ID_PADDING + 1} "
+                                              rf"characters of whitespace \(at most {ID_PADDING}\)"):
+        judge.case("p", [cand(padded)])
+    inside = ids[:1] + [special] * 5 + ids[1:]
+    assert tok.decode(inside, skip_special_tokens=True).strip() == "abc def"
+    with pytest.raises(JudgeInputError, match="candidate 2: token_ids hold a special token inside the answer"):
+        judge.case("p", [cand(ids), cand(inside)])
+
+
 def test_agent_prompt_longer_than_the_context_names_the_sizes(judge, tmp_path, capsys):
     limit = judge.engine.max_positions
     long = "w" * (limit + 10)
@@ -478,3 +501,28 @@ def test_sigterm_ends_an_eval_like_ctrl_c(gsm):
     assert "Traceback" not in err
     lines = results.read_text().splitlines()
     assert 2 <= len(lines) < 80 and all(json.loads(x)["method"] in ("dense", "naive") for x in lines)
+
+
+def test_progress_line_says_n_a_for_an_undefined_jcr(tmp_path):
+    """The live line agrees with the summary: records whose consistency is undefined (dense's generated
+    answer did not parse) are not counted as disagreements."""
+    from kvjudge.experiments.judging import record_key, running_metrics
+    from kvjudge.runtime.results import ResultsLog
+
+    log = ResultsLog(tmp_path / "r.jsonl", key=record_key)
+    rec = {"seed": 42, "passed": False}
+    for i, c in enumerate([None, None]):
+        log.append({**rec, "task_id": f"t{i}", "method": "dense", "consistent": True})
+        log.append({**rec, "task_id": f"t{i}", "method": "naive", "consistent": c})
+    assert running_metrics(log) == "pass@1 0.00  JCR naive n/a"
+    log.append({**rec, "task_id": "t2", "method": "naive", "consistent": True})
+    assert running_metrics(log).endswith("JCR naive 1.00")
+
+
+def test_bench_compress_names_an_unknown_task_of_the_given_dataset(tmp_path):
+    from kvjudge.experiments.bench.compress import read_candidate_sets
+    from kvjudge.experiments.data import DataError
+
+    path = _jsonl(tmp_path / "c.jsonl", [{"task_id": "HumanEval/9999", "candidates": ["a", "b"]}])
+    with pytest.raises(DataError, match="task 'HumanEval/9999' is not a humaneval problem"):
+        read_candidate_sets(path, "humaneval", candidate_kv="isolated")

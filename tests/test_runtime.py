@@ -225,3 +225,63 @@ def test_an_embedded_ray_starts_only_what_a_run_needs(api_server):
         assert {"dashboard", "monitor", "log_monitor", "gcs_server", "raylet"} <= set(got["procs"])
     else:
         assert got["procs"] == ["gcs_server", "raylet"]
+
+
+_HELD = r"""
+import os, signal, sys, time
+import ray
+import ray._private.worker as w
+from ray._private import ray_constants
+import ray._private.utils as ray_utils
+from ray._private.node import Node
+from kvjudge.runtime.cluster import connect, held_sigterm
+
+where = sys.argv[1]
+if where == "node":  # SIGTERM as the embedded head node starts (Ray's Python handlers installed by then)
+    orig_init = Node.__init__
+    def init(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return orig_init(self, *a, **k)
+    Node.__init__ = init
+else:  # SIGTERM once the driver's C++ core worker is up, before ray.init returns
+    orig_connect = w.connect
+    def conn(*a, **k):
+        out = orig_connect(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        return out
+    w.connect = conn
+saved = (ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER)
+
+class Term(Exception):
+    pass
+
+def on_term(signum, frame):
+    raise Term()
+
+signal.signal(signal.SIGTERM, on_term)
+try:
+    with held_sigterm(on_term):
+        connect(None, num_cpus=1, torch_tensors=False)
+    print("not taken")
+except Term:
+    restored = saved == (ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER)
+    print("taken", ray.is_initialized(), signal.getsignal(signal.SIGTERM) is on_term, restored)
+    ray.shutdown()
+    sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("where", ["node", "core"])
+def test_sigterm_while_ray_starts_is_taken_by_the_clis_handler(where):
+    """Ray private API (runtime.cluster.held_sigterm): a SIGTERM in the middle of ``ray.init`` (as the head
+    node starts; after the driver's core worker is up) is held and handed to the CLI's handler once Ray is
+    up: exit 143 with Ray known and shut down, no native stack dump. Without the hold this child exits 15
+    (Ray's own handler), with the dump in the second case (checked by hand on Ray 2.60)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HELD, where], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 143, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert out.stdout.split() == ["taken", "True", "True", "True"]
+    assert "SIGTERM received" not in out.stderr

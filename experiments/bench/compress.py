@@ -79,7 +79,8 @@ def read_candidate_sets(path: str | Path, dataset: str | None = None, limit: int
         ref = refs.get(tid)
         problem = cs.problem if cs.problem is not None else (ref or {}).get("prompt")
         if problem is None:
-            raise DataError(f"task {tid!r} has no problem text and no dataset names it (pass the dataset)")
+            raise DataError(f"task {tid!r} is not a {dataset} problem and its line has no problem text" if dataset
+                            else f"task {tid!r} has no problem text and no dataset names it (pass the dataset)")
         out.append(BenchSet(cs, problem, ref))
     if candidate_kv == "agent" and any(b.cs.agent_prompts is None for b in out):
         with_agent_prompts(sets, {b.cs.task_id: b.problem for b in out},
