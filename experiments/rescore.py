@@ -91,6 +91,7 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
         return priors[debias, method, n]
 
     order = ["dense"] + [m for m in methods if m in RESCORABLE and m != "dense"]
+    setting = {m: prior_name(judge.method(m)) for m in order}  # the name of this run's setting of m's prior
     added = 0
     for seed in seeds:
         for tid in task_ids:
@@ -101,7 +102,7 @@ def rescore(judge, records: Sequence[dict], log: ResultsLog, task_ids: Sequence[
                 n = len(src["scores"])
                 if list(src["permutation"]) != permutation(seed, tid, n):
                     raise ValueError(f"--rescore-from: {tid} seed {seed} was judged under another permutation")
-                was, pm = src.get("debias", "none"), prior_name(judge.method(m))  # this run's setting of m
+                was, pm = src.get("debias", "none"), setting[m]
                 old = recorded.get((was, pm, n)) or prior(was, pm, n)
                 new = prior(judge.debias, pm, n)
                 scores = [s + a - b for s, a, b in zip(src["scores"], old, new)]
