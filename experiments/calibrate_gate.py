@@ -77,13 +77,15 @@ def _side(v, perm: list[int], extra_tokens: float = 0.0) -> dict:
 
 
 def collect_calls(judge: Judge, sets: Sequence[GateSet], seeds: Sequence[int], cheap: str, probe: bool,
-                  methods: Sequence[str] = (), progress: Callable[[str], None] | None = None) -> list[dict]:
+                  methods: Sequence[str] = (), progress: Callable[[str], None] | None = None,
+                  dense: dict[tuple[str, int], dict] | None = None) -> list[dict]:
     """One record per (set, seed): ``dense``, ``cheap`` (the cheap path's answer, timed with its margin),
     with ``probe`` also ``risk`` (cheap path + the feature probe, timed; ``features``), ``margin``,
     ``agree`` and one entry per extra method in ``methods`` (e.g. ``dg_jkr``). Each side holds the
     original-id ``winner``, display ``slot``, ``latency_ms`` and ``prefilled`` tokens (the probe counted
     as ``probe_tokens * probe_layers / layers`` token-equivalents). Also ``identity``: what a gate fitted
-    on the call is fitted for."""
+    on the call is fitted for. ``dense``: dense sides by ``(task_id, seed)``, filled here and reused, so a
+    second cheap path over the same sets does not judge dense again."""
     cfg = judge.lm.model.config
     layers = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "num_hidden_layers", 1)
     margin_m = judge.method("selective", cheap=cheap, score="margin", gate=-math.inf)
@@ -100,7 +102,10 @@ def collect_calls(judge: Judge, sets: Sequence[GateSet], seeds: Sequence[int], c
                     judge.judge(g.problem, shown, method=m, sources=sources)
                 warmed = True
             rec: dict = {"task_id": g.cs.task_id, "seed": seed, "n": len(perm)}
-            rec["dense"] = _side(judge.judge(g.problem, shown, method="dense", sources=sources), perm)
+            known = dense if dense is not None else {}
+            if (g.cs.task_id, seed) not in known:
+                known[g.cs.task_id, seed] = _side(judge.judge(g.problem, shown, method="dense", sources=sources), perm)
+            rec["dense"] = known[g.cs.task_id, seed]
             judge._methods["selective"] = margin_m
             v = judge.judge(g.problem, shown, method="selective", sources=sources)
             rec["cheap"] = _side(v, perm)

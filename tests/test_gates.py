@@ -243,25 +243,36 @@ def test_calibrate_gate_then_judge_with_it_and_refuse_another_mode(tmp_path, cap
     assert "unknown option 'colour'" in capsys.readouterr().err
 
 
-def test_bench_gates_frontier_on_held_out_problems(tmp_path):
+def test_bench_gates_frontier_on_held_out_problems(tmp_path, monkeypatch):
     from kvjudge.experiments.bench.gates import bench_gates
+    from kvjudge.judges.judge import Judge
 
+    dense_calls = []
+    judge_fn = Judge.judge
+
+    def counting(self, problem, candidates, method=None, **kw):
+        dense_calls.extend([method] if method == "dense" else [])
+        return judge_fn(self, problem, candidates, method=method, **kw)
+
+    monkeypatch.setattr(Judge, "judge", counting)
     cal, test = tmp_path / "cal.jsonl", tmp_path / "test.jsonl"
     _write_sets(cal, 0, 12)
     _write_sets(test, 100, 5)
     res = bench_gates(cal, test, tmp_path / "out", model="tiny-llama", alphas=(0.3, 0.5), delta=0.5,
-                      cheaps=["naive"], candidate_kv="judge_prefix", seeds=(1, 2, 3))
+                      cheaps=["naive", "partial:2"], candidate_kv="judge_prefix", seeds=(1, 2, 3))
+    # dense judged once per call (36 calibration + 15 test), not once per cheap path; + 1 warm-up per collection
+    assert len(dense_calls) == 36 + 15 + 4
     pts = {p["name"]: p for p in res["points"]}
     assert pts["dense"]["jcr"] == 1 and pts["dense"]["latency_x_dense"] == pytest.approx(1.0)
     assert pts["oracle gate (naive)"]["jcr"] == 1
     assert pts["oracle gate (naive)"]["coverage"] == pytest.approx(pts["naive"]["jcr"])
     sel = [p for p in res["points"] if p["kind"] == "selective"]
-    assert len(sel) == 4 and all(p["n"] == 15 for p in sel)
+    assert len(sel) == 8 and all(p["n"] == 15 for p in sel)  # 2 cheap paths x 2 scores x 2 alphas
     for p in sel:  # JCR of a gate = accepted calls that agree + every fallback (independent recount)
         k = p["accepted"]
         dis = 0 if not k else round(p["disagreement_accepted"] * k)
         assert p["jcr"] == pytest.approx((15 - dis) / 15)
-        rnd = pts[f"random gate cov={k / 15:.2f} (naive)"]
+        rnd = pts[f"random gate cov={k / 15:.2f} ({p['cheap']})"]
         assert rnd["coverage"] == pytest.approx(round(k / 15 * 15) / 15)
     assert "dg_jkr" in pts
     for p in res["points"]:  # p_e on the same calls as kappa: kappa = (JCR - p_e) / (1 - p_e)

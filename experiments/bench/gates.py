@@ -128,8 +128,10 @@ def bench_gates(calibration: str | Path, test: str | Path, out_dir: str | Path, 
     judge = Judge(load_model(model, device=device), candidate_kv=candidate_kv, output="label", debias=debias)
     gates: dict[tuple[str, str, float], dict] = {}
     test_calls: dict[str, list[dict]] = {}
+    dense_cal: dict[tuple[str, int], dict] = {}  # dense is judged once per call, whatever the cheap paths
+    dense_test: dict[tuple[str, int], dict] = {}
     for i, cheap in enumerate(cheaps):
-        cal = collect_calls(judge, cal_sets, seeds, cheap, probe=True, progress=progress)
+        cal = collect_calls(judge, cal_sets, seeds, cheap, probe=True, progress=progress, dense=dense_cal)
         for score in G.SCORES:
             risk = None
             for alpha in alphas:
@@ -140,7 +142,8 @@ def bench_gates(calibration: str | Path, test: str | Path, out_dir: str | Path, 
                 (out / "gates").mkdir(exist_ok=True)
                 (out / "gates" / name).write_text(json.dumps(gate, indent=1) + "\n", encoding="utf-8")
         extra = ("dg_jkr",) if dg_jkr and i == 0 else ()
-        test_calls[cheap] = collect_calls(judge, test_sets, seeds, cheap, probe=True, methods=extra, progress=progress)
+        test_calls[cheap] = collect_calls(judge, test_sets, seeds, cheap, probe=True, methods=extra, progress=progress,
+                                          dense=dense_test)
     if dg_jkr and len(cheaps) > 1:
         for cheap in cheaps[1:]:
             for c, d in zip(test_calls[cheap], test_calls[cheaps[0]]):
