@@ -96,8 +96,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         lm = lm or load_model(cfg.model, device=cfg.device)
         judge = Judge(lm, candidate_kv=cfg.candidate_kv, output=cfg.judge_output, max_new_tokens=cfg.judge_max_tokens,
                       debias=cfg.judge_debias, permutations=cfg.judge_permutations)
-    for name, opts in (cfg.method_options or {}).items():  # --method-option
-        judge.method(name, **opts)
+    judge.configure(cfg.method_options)  # --method-option
     problems, skipped = judgeable(judge, problems, sets)
     calibration = None
     if cfg.calibrate_on:  # priors from the first K problems, which are then left out of judging and scoring

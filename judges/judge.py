@@ -93,6 +93,11 @@ class Judge:
             self._methods[name] = make_method(name, **options)
         return self._methods[name]
 
+    def configure(self, options: dict[str, dict] | None) -> None:
+        """Set methods' options, ``{method: {key: value}}`` (``--method-option METHOD.KEY=VALUE``)."""
+        for name, opts in (options or {}).items():
+            self.method(name, **opts)
+
     def adopt(self, name: str, impl: JudgeMethod) -> None:
         """Judge with ``impl`` when asked for method ``name`` (kept if ``name`` is taken: e.g. a gate's cheap
         path under its prior name, so ``kvjudge calibrate`` can judge it alone)."""

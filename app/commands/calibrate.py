@@ -77,8 +77,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     elif not Path(path).expanduser().is_file():
         raise UserError(f"--candidates: file not found: {path}")
     judge = Judge(load_model(args.model, device=checked_device(args.device)), candidate_kv=args.candidate_kv)
-    for name, opts in options.items():
-        judge.method(name, **opts)
+    judge.configure(options)
     items = items_from_file(Path(path).expanduser(), judge, limit, offset, args.dataset, args.topology,
                             args.sample_seed)
     tables = estimate(judge, items, methods, args.judge_debias,

@@ -59,8 +59,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     judge = Judge(load_model(args.model, device=device), method=args.method, candidate_kv=args.candidate_kv,
                   output=args.judge_output or "label", max_new_tokens=max_tokens,
                   debias=args.judge_debias or "none", permutations=args.judge_permutations or 1)
-    for name, opts in options.items():
-        judge.method(name, **opts)
+    judge.configure(options)
     verdict = judge.judge(problem, candidates)
     if args.json:
         print(json.dumps(verdict.to_dict()))

@@ -60,8 +60,7 @@ def bench_judge(
         make_method(name, **options.get(name, {}))
     lm = load_model(model, device=device)
     judge = Judge(lm, candidate_kv=candidate_kv, debias=debias, permutations=permutations)
-    for name, opts in options.items():
-        judge.method(name, **opts)
+    judge.configure(options)
     tok = lm.tokenizer
     texts = [synthetic_text(tok, candidate_tokens, seed=i) for i in range(candidates)]
     if candidate_kv == "agent":
