@@ -81,6 +81,7 @@ class PriorKey:
     output: str
     n: int
     template: str
+    model_arg: str = field(default="", compare=False)  # the --model that loads it (not part of the key)
 
     def filename(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model_id).strip("._")[:80] or "model"
@@ -98,7 +99,7 @@ class PriorKey:
             base, opts = split_prior_name(m)
             names += [] if base in names else [base]
             options += [f" --method-option {base}.{k}={v}" for k, v in opts.items()]
-        return (f"kvjudge calibrate --model {self.model_id} --candidates FILE --methods {','.join(names)}"
+        return (f"kvjudge calibrate --model {self.model_arg or self.model_id} --candidates FILE --methods {','.join(names)}"
                 f"{''.join(options)} --judge-debias {self.kind} --candidate-kv {self.candidate_kv} "
                 f"--judge-output {self.output} (on sets of {self.n} candidates)")
 
@@ -126,7 +127,9 @@ class PriorTable:
                                 "items": [str(i) for i in items]}
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "key": asdict(self.key), "methods": self.methods}
+        key = asdict(self.key)
+        key.pop("model_arg")  # how this machine loads the model, not what the prior is for
+        return {"version": VERSION, "key": key, "methods": self.methods}
 
     def save(self, root: Path | None = None) -> Path:
         """Write (merging into the methods already saved under this key); returns the path."""

@@ -156,7 +156,8 @@ class Judge:
         """The key of this judge's slot prior of ``kind`` for ``n`` candidates in these modes."""
         if output not in self._templates:
             self._templates[output] = template_hash(self.lm.tokenizer, output)
-        return PriorKey(self.lm.model_id, kind, candidate_kv, output, int(n), self._templates[output])
+        return PriorKey(self.lm.model_id, kind, candidate_kv, output, int(n), self._templates[output],
+                        model_arg=getattr(self.lm, "spec", ""))
 
     def prior_table(self, key: PriorKey) -> PriorTable | None:
         """The saved prior table of ``key`` (read once; :meth:`reload_priors` forgets what was read)."""

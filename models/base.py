@@ -20,6 +20,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     model_id: str
+    spec: str = ""  # what it was loaded as (alias or folder): the --model a printed command should name
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,9 +36,9 @@ def load_model(
     dt = dtype or default_dtype(dev)
     if spec in TINY_CONFIGS:
         model = tiny_model(spec).to(device=dev, dtype=dt)
-        return LoadedModel(model, byte_tokenizer(), spec_id(spec, TINY_CONFIGS[spec]))
+        return LoadedModel(model, byte_tokenizer(), spec_id(spec, TINY_CONFIGS[spec]), spec)
     if spec in REAL_ALIASES:
-        return load_model(str(REAL_ALIASES[spec]()), device=dev, dtype=dt)
+        return replace(load_model(str(REAL_ALIASES[spec]()), device=dev, dtype=dt), spec=spec)
     return _load_checkpoint(spec, dev, dt)
 
 
@@ -66,7 +67,7 @@ def _load_checkpoint(spec: str, dev: torch.device, dt: torch.dtype) -> LoadedMod
             "sequence length; KV re-indexing needs a fixed rotation"
         )
     model = model.to(dev).eval()
-    return LoadedModel(model, tokenizer, checkpoint_id(path))
+    return LoadedModel(model, tokenizer, checkpoint_id(path), spec)
 
 
 def checkpoint_id(path: Path, sample: int = 4096) -> str:

@@ -207,9 +207,12 @@ def test_cli_calibrate_then_judge(llama, tmp_path, capsys, monkeypatch):
                  "--judge-debias", "pride"]) == 2
     err = capsys.readouterr().err
     assert "kvjudge calibrate" in err and len(err.strip().splitlines()) == 1
+    assert "--model tiny-llama --candidates" in err  # the alias it was loaded as: the command runs as printed
     assert main(["calibrate", *args, "--candidates", str(cands), "--methods", "naive",
                  "--candidate-kv", "judge_prefix"]) == 0
     out = capsys.readouterr().out
+    saved = json.loads(next((tmp_path / "cache" / "priors").rglob("*.json")).read_text())
+    assert "model_arg" not in saved["key"] and saved["key"]["model_id"].startswith("tiny-llama@")
     rows = [line.split()[0] for line in out.splitlines()[3:]]
     assert "priors" in out and ".json" in out and rows == ["naive", "dense"]  # dense: what every method may answer with
     assert main(["judge", *args, "--method", "naive", "--problem", PROBLEM, "--candidate", "x", "--candidate",

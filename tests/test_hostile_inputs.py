@@ -138,6 +138,9 @@ def test_judge_max_tokens_is_bounded_like_the_topology(capsys, tmp_path, command
     (["bench", "run", "progressive_refinement", "--limit", "-1"], "--limit must be >= 1, got -1"),
     (["run", "progressive_refinement", "--replicas", "10000"], "--replicas must be in 1..256 or auto, got 10000"),
     (["run", "progressive_refinement", "--replicas", "0"], "--replicas must be in 1..256 or auto, got 0"),
+    (["eval", "gsm8k", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
+    (["judge", "--problem", "p", "--candidate", "a", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
+    (["bench", "judge", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
 ])
 def test_numbers_out_of_bounds_are_one_line(capsys, argv, needle):
     code, err = _main(capsys, *argv)

@@ -15,6 +15,7 @@ from kvjudge.app.commands.common import (
     add_model,
     checked_device,
     float_list,
+    judge_permutations,
     method_options_of,
     model_on,
     name_list,
@@ -119,7 +120,7 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
                          checked_device(args.device),
                          progress=not args.json, candidate_kv=args.candidate_kv,
                          method_options=method_options_of(args), debias=args.judge_debias or "none",
-                         permutations=args.judge_permutations or 1)
+                         permutations=judge_permutations(args))
     if args.json:
         print(json.dumps(result))
     else:

@@ -246,6 +246,12 @@ def add_debias(p: argparse.ArgumentParser, permutations: bool = False) -> None:
                        help="K > 1: judge K cyclic rotations of the candidates, the highest summed score wins (1)")
 
 
+def judge_permutations(args: argparse.Namespace) -> int:
+    """``--judge-permutations`` (default 1); below 1 is a one-line error."""
+    positive("judge-permutations", args.judge_permutations)
+    return args.judge_permutations or 1
+
+
 def add_method_options(p: argparse.ArgumentParser, gate: bool = False) -> None:
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an option of a judge method (repeat), e.g. selective.gate=gate.json; unknown keys are errors")

@@ -15,6 +15,7 @@ from kvjudge.app.commands.common import (
     checked_device,
     default_out,
     judge_max_tokens,
+    judge_permutations,
     method_options_of,
     parse_compress,
     stop_code,
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         gate_arm=args.gate_arm, unsafe_exec=args.unsafe_exec, compress=parse_compress(args.compress),
         offset=args.offset, sample_seed=args.sample_seed, temperature=args.temperature,
         generation_seed=args.generation_seed, judge_debias=args.judge_debias or "none",
-        judge_permutations=args.judge_permutations or 1, calibrate_on=args.calibrate_on,
+        judge_permutations=judge_permutations(args), calibrate_on=args.calibrate_on,
         rescore_from=Path(args.rescore_from).expanduser() if args.rescore_from else None,
     )
     cfg.method_options = method_options_of(args) or None

@@ -13,6 +13,7 @@ from kvjudge.app.commands.common import (
     checked_device,
     checked_text,
     judge_max_tokens,
+    judge_permutations,
     method_options_of,
     read_text,
 )
@@ -58,7 +59,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     candidates = _with_agent_prompts(texts, prompts, args.candidate_kv)
     judge = Judge(load_model(args.model, device=device), method=args.method, candidate_kv=args.candidate_kv,
                   output=args.judge_output or "label", max_new_tokens=max_tokens,
-                  debias=args.judge_debias or "none", permutations=args.judge_permutations or 1)
+                  debias=args.judge_debias or "none", permutations=judge_permutations(args))
     judge.configure(options)
     verdict = judge.judge(problem, candidates)
     if args.json:
