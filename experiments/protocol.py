@@ -103,12 +103,14 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
         with _timed(timings, "calibration_s"):
             calibration = calibrate_split(judge, problems, sets, cfg.calibrate_on, cfg.methods, cfg.judge_debias)
         problems = problems[cfg.calibrate_on:]
+    recorded = None if cfg.rescore_from is None else check_source(cfg.rescore_from, eval_manifest(cfg))
+    judge.check_priors(cfg.methods, [len(sets[str(p["id"])].candidates) for p in problems])  # all missing, in one line
     task_ids = [str(p["id"]) for p in problems]
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
     bar = progress or _Silent()
     try:
         if cfg.rescore_from is not None:  # the same forward passes under another prior: no judging
-            rescored = rescore(judge, check_source(cfg.rescore_from, eval_manifest(cfg)), log, task_ids, cfg.seeds,
+            rescored = rescore(judge, recorded, log, task_ids, cfg.seeds,
                                cfg.methods, passes, str(cfg.rescore_from), recorded_priors(Path(cfg.rescore_from)))
             if verbose:
                 print(f"re-scored {rescored} calls of {cfg.rescore_from}", file=sys.stderr)

@@ -98,6 +98,16 @@ class Judge:
         for name, opts in (options or {}).items():
             self.method(name, **opts)
 
+    def check_priors(self, methods: Sequence[str], sizes: Sequence[int]) -> None:
+        """Before a batch of calls: every prior that ``methods`` will read for sets of these ``sizes``
+        exists (else one line naming them all and the calibrate command), under this judge's modes."""
+        if self.debias == "none" or self.output != "label":
+            return
+        needed = list(dict.fromkeys(m for name in methods for m in needed_methods(name, self.method(name))))
+        for n in sorted({int(n) for n in sizes if int(n) > 1}):
+            key = self.prior_key(self.debias, self.candidate_kv, self.output, n)
+            priors_for(key, needed, self.prior_table(key))
+
     def adopt(self, name: str, impl: JudgeMethod) -> None:
         """Judge with ``impl`` when asked for method ``name`` (kept if ``name`` is taken: e.g. a gate's cheap
         path under its prior name, so ``kvjudge calibrate`` can judge it alone)."""

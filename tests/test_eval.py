@@ -337,6 +337,11 @@ def test_rescore_from_equals_judging_under_the_other_prior(synthetic, tmp_path, 
                           candidates=cands, data=str(data), candidate_kv="judge_prefix", judge_debias=debias,
                           rescore_from=rescore)
 
+    from kvjudge.judges.debias import PriorError
+
+    with pytest.raises(PriorError, match=r"for judge method pal_kv, partial \(.*--methods pal_kv,partial"):
+        evaluate(cfg("missing", "pride", "dense,naive,pal_kv,partial"), progress=False)  # every missing one, at once
+    assert not (tmp_path / "missing" / "results.jsonl").exists()
     evaluate(cfg("raw", "none"), progress=False)
     evaluate(cfg("re", "pride", "dense,naive,kvcomm", rescore=tmp_path / "raw"), progress=False)
     evaluate(cfg("judged", "pride"), progress=False)
