@@ -311,7 +311,7 @@ def test_cli_calibrate_takes_method_options(llama, tmp_path, capsys):
                                          "sources": ["a", "b"]}) + "\n" for i in range(2)))
     args = ["--model", "tiny-llama", "--device", "cpu", "--candidates", str(cands), "--candidate-kv", "judge_prefix"]
     assert main(["calibrate", *args, "--methods", "naive", "--method-option", "partial.recompute_first=2"]) == 2
-    assert "partial is not among --methods" in capsys.readouterr().err
+    assert "partial is not judged here (--methods naive)" in capsys.readouterr().err
     assert main(["calibrate", *args, "--methods", "partial", "--method-option", "partial.recompute_first=2"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
     assert rows == ["partial[recompute_first=2]", "dense"]

@@ -141,6 +141,13 @@ def test_judge_max_tokens_is_bounded_like_the_topology(capsys, tmp_path, command
     (["eval", "gsm8k", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
     (["judge", "--problem", "p", "--candidate", "a", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
     (["bench", "judge", "--judge-permutations", "0"], "--judge-permutations must be >= 1, got 0"),
+    # an option no judged method reads would be silently ignored: refused instead
+    (["judge", "--problem", "p", "--candidate", "a", "--method", "naive", "--method-option", "partial.recompute_first=3"],
+     "partial is not judged here (--method naive)"),
+    (["eval", "gsm8k", "--methods", "dense,naive", "--method-option", "partial.blend=0.2"],
+     "partial is not judged here (--methods dense,naive)"),
+    (["bench", "judge", "--methods", "naive", "--method-option", "partial.recompute_first=3"],
+     "partial is not judged here (--methods naive)"),
 ])
 def test_numbers_out_of_bounds_are_one_line(capsys, argv, needle):
     code, err = _main(capsys, *argv)

@@ -119,7 +119,8 @@ def cmd_bench_judge(args: argparse.Namespace) -> int:
     result = bench_judge(args.model, args.candidates, args.candidate_tokens, args.repeats, methods,
                          checked_device(args.device),
                          progress=not args.json, candidate_kv=args.candidate_kv,
-                         method_options=method_options_of(args), debias=args.judge_debias or "none",
+                         method_options=method_options_of(args, ["dense", *methods], f"--methods {args.methods}"),
+                         debias=args.judge_debias or "none",
                          permutations=judge_permutations(args))
     if args.json:
         print(json.dumps(result))

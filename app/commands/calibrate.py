@@ -59,10 +59,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     positive("limit", args.limit)
     nonnegative("offset", args.offset)
     methods = name_list("methods", args.methods, METHOD_ORDER, "judge method")
-    options = method_options_of(args)
-    for name in options:
-        if name not in methods:
-            raise UserError(f"--method-option {name}.*: {name} is not among --methods ({','.join(methods)})")
+    options = method_options_of(args, methods, f"--methods {','.join(methods)}")
     if args.candidates is None and args.dataset is None:
         raise UserError(f"give --candidates FILE, or a data set ({', '.join(DATASET_NAMES)}) to generate candidates for")
     if args.judge_output != "label":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvjudge.cache.compress.catalog import COMPRESSION_METHODS
@@ -190,15 +191,22 @@ def model_on(model: str, device: str | None):
     return load_model(model, device=checked_device(device))
 
 
-def method_options_of(args: argparse.Namespace) -> dict[str, dict]:
-    """``{method: {key: value}}`` from ``--method-option`` (and ``--gate``); one-line errors for unknown ones."""
+def method_options_of(args: argparse.Namespace, judged: Sequence[str] | None = None,
+                      where: str = "") -> dict[str, dict]:
+    """``{method: {key: value}}`` from ``--method-option`` (and ``--gate``); one-line errors for unknown ones
+    and, given the ``judged`` methods (named by the flag ``where``), for options no judged method reads."""
     from kvjudge.judges.catalog import parse_method_options
 
     options = parse_method_options(getattr(args, "method_option", None) or [])
+    for name in options if judged is not None else ():
+        if name not in judged:
+            raise UserError(f"--method-option {name}.*: {name} is not judged here ({where}), so it would be ignored")
     gate = getattr(args, "gate", None)
     if gate is not None:
         if not Path(gate).expanduser().is_file():
             raise UserError(f"--gate: file not found: {gate}")
+        if judged is not None and "selective" not in judged:
+            raise UserError(f"--gate is the selective method's gate file; selective is not judged here ({where})")
         options.setdefault("selective", {})["gate"] = str(Path(gate).expanduser())
     if options:
         from kvjudge.judges.methods import make_method

@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge_permutations=judge_permutations(args), calibrate_on=args.calibrate_on,
         rescore_from=Path(args.rescore_from).expanduser() if args.rescore_from else None,
     )
-    cfg.method_options = method_options_of(args) or None
+    cfg.method_options = method_options_of(args, cfg.methods, f"--methods {','.join(cfg.methods)}") or None
     # generation: the live dashboard on a terminal, plain lines on stderr otherwise
     reporter = choose_reporter(False) if sys.stdout.isatty() else PlainReporter(stream=sys.stderr)
     try:

@@ -46,7 +46,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from kvjudge.judges.prompt import JudgeInputError
     from kvjudge.models import load_model
 
-    options = method_options_of(args)
+    options = method_options_of(args, [args.method], f"--method {args.method}")
     for name, opts in {args.method: {}, **options}.items():
         make_method(name, **opts)  # unknown method or options: fail before loading a model
     max_tokens = judge_max_tokens(args.judge_max_tokens)
