@@ -104,7 +104,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
             calibration = calibrate_split(judge, problems, sets, cfg.calibrate_on, cfg.methods, cfg.judge_debias)
         problems = problems[cfg.calibrate_on:]
     recorded = None if cfg.rescore_from is None else check_source(cfg.rescore_from, eval_manifest(cfg))
-    judge.check_priors(cfg.methods, [len(sets[str(p["id"])].candidates) for p in problems])  # all missing, in one line
+    reads = [m for m in cfg.methods if m != "random_gate"]  # the random gate reads its --gate-arm's prior and dense's
+    reads += ["dense", cfg.gate_arm] if "random_gate" in cfg.methods else []
+    judge.check_priors(reads, [len(sets[str(p["id"])].candidates) for p in problems])  # all missing, in one line
     task_ids = [str(p["id"]) for p in problems]
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
     bar = progress or _Silent()

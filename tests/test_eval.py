@@ -379,3 +379,28 @@ def test_rescore_from_a_run_that_generated_its_candidates(tmp_path):
     other.write_text('{"task_id": "t1", "candidates": ["a", "c"]}\n')
     with pytest.raises(ValueError, match="its candidates is 'sha256:"):
         check_source(src, {**base, "candidates": file_digest(other)})
+
+
+def test_priors_are_checked_before_judging_for_the_random_gates_arm(synthetic, tmp_path, monkeypatch):
+    """The pre-check reads the random gate's --gate-arm prior (and dense's), not a default arm's: with only
+    dense's and kvcomm's priors saved, ``--gate-arm kvcomm`` judges, ``naive`` is refused naming naive."""
+    from kvjudge.judges.debias import PriorError, PriorTable, log_softmax
+    from kvjudge.judges.judge import Judge
+    from kvjudge.models import load_model
+
+    monkeypatch.setenv("KVJUDGE_CACHE", str(tmp_path / "cache"))
+    root, data, cands = synthetic
+    table = PriorTable(Judge(load_model("tiny-llama")).prior_key("pride", "judge_prefix", "label", 4))
+    for m in ("dense", "kvcomm"):
+        table.put(m, log_softmax([0.0, 0.5, 1.0, 3.0]), 4, ["x"])
+    table.save()
+
+    def cfg(out, arm):
+        return EvalConfig(dataset="gsm8k", out=tmp_path / out, model="tiny-llama", methods="dense,random_gate",
+                          seeds="42", candidates=cands, data=str(data), candidate_kv="judge_prefix",
+                          judge_debias="pride", gate_arm=arm, limit=2)
+
+    with pytest.raises(PriorError, match=r"for judge method naive \("):
+        evaluate(cfg("naive-arm", "naive"), progress=False)
+    summary = evaluate(cfg("kvcomm-arm", "kvcomm"), progress=False)
+    assert summary["methods"]["random_gate"]["n"] == 2
