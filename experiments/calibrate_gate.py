@@ -90,7 +90,7 @@ def collect_calls(judge: Judge, sets: Sequence[GateSet], seeds: Sequence[int], c
     layers = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "num_hidden_layers", 1)
     margin_m = judge.method("selective", cheap=cheap, score="margin", gate=-math.inf)
     risk_m = judge.method("selective", cheap=cheap, score="risk", gate=-math.inf) if probe else None
-    calls, warmed = [], False
+    calls, warmed, dense = [], False, {} if dense is None else dense
     for g in sets:
         for seed in seeds:
             perm = permutation(seed, g.cs.task_id, len(g.cs.candidates))
@@ -102,10 +102,9 @@ def collect_calls(judge: Judge, sets: Sequence[GateSet], seeds: Sequence[int], c
                     judge.judge(g.problem, shown, method=m, sources=sources)
                 warmed = True
             rec: dict = {"task_id": g.cs.task_id, "seed": seed, "n": len(perm)}
-            known = dense if dense is not None else {}
-            if (g.cs.task_id, seed) not in known:
-                known[g.cs.task_id, seed] = _side(judge.judge(g.problem, shown, method="dense", sources=sources), perm)
-            rec["dense"] = known[g.cs.task_id, seed]
+            if (g.cs.task_id, seed) not in dense:
+                dense[g.cs.task_id, seed] = _side(judge.judge(g.problem, shown, method="dense", sources=sources), perm)
+            rec["dense"] = dense[g.cs.task_id, seed]
             judge._methods["selective"] = margin_m
             v = judge.judge(g.problem, shown, method="selective", sources=sources)
             rec["cheap"] = _side(v, perm)

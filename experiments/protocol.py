@@ -45,6 +45,7 @@ from kvjudge.experiments.report import write_report
 from kvjudge.experiments.rescore import check_source, recorded_priors, rescore
 from kvjudge.experiments.summary import summarize
 from kvjudge.judges.judge import Judge
+from kvjudge.judges.methods import make_method
 from kvjudge.judges.prompt import JudgeInputError
 from kvjudge.models import LoadedModel, load_model
 from kvjudge.topologies import load_topology, resolve_topology
@@ -104,9 +105,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None, *, reporter: Report
             calibration = calibrate_split(judge, problems, sets, cfg.calibrate_on, cfg.methods, cfg.judge_debias)
         problems = problems[cfg.calibrate_on:]
     recorded = None if cfg.rescore_from is None else check_source(cfg.rescore_from, eval_manifest(cfg))
-    reads = [m for m in cfg.methods if m != "random_gate"]  # the random gate reads its --gate-arm's prior and dense's
-    reads += ["dense", cfg.gate_arm] if "random_gate" in cfg.methods else []
-    judge.check_priors(reads, [len(sets[str(p["id"])].candidates) for p in problems])  # all missing, in one line
+    judge.check_priors(cfg.methods, [len(sets[str(p["id"])].candidates) for p in problems],  # all missing, one line
+                       {"random_gate": make_method("random_gate", arm=cfg.gate_arm)})  # as judge_all will run it
     task_ids = [str(p["id"]) for p in problems]
     log = ResultsLog(cfg.out / "results.jsonl", key=record_key)
     bar = progress or _Silent()

@@ -98,12 +98,15 @@ class Judge:
         for name, opts in (options or {}).items():
             self.method(name, **opts)
 
-    def check_priors(self, methods: Sequence[str], sizes: Sequence[int]) -> None:
+    def check_priors(self, methods: Sequence[str], sizes: Sequence[int],
+                     instances: dict[str, JudgeMethod] | None = None) -> None:
         """Before a batch of calls: every prior that ``methods`` will read for sets of these ``sizes``
-        exists (else one line naming them all and the calibrate command), under this judge's modes."""
+        exists (else one line naming them all and the calibrate command), under this judge's modes.
+        ``instances``: how a method will be configured when it runs, where that differs from :meth:`method`'s."""
         if self.debias == "none" or self.output != "label":
             return
-        needed = list(dict.fromkeys(m for name in methods for m in needed_methods(name, self.method(name))))
+        impls = {name: (instances or {}).get(name) or self.method(name) for name in methods}
+        needed = list(dict.fromkeys(m for name, impl in impls.items() for m in needed_methods(name, impl)))
         for n in sorted({int(n) for n in sizes if int(n) > 1}):
             key = self.prior_key(self.debias, self.candidate_kv, self.output, n)
             priors_for(key, needed, self.prior_table(key))
